@@ -1,0 +1,202 @@
+"""The ``bnlab`` command: ``train`` (Hydra), ``compare`` and ``plot``.
+
+``bnlab train`` hands its arguments to Hydra untouched. User mistakes — a bad override, an
+unknown config option, missing data, a path that is not a run dir — end in one ``error: ...``
+line and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import hydra
+import typer
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from bnlab.errors import UsageError
+
+TRAIN_HELP = """Train one run, or a sweep with -m. Arguments are Hydra overrides, passed on as is.
+
+\b
+Examples:
+  bnlab train data.root=../shared/data/cifar10-subset
+  bnlab train norm=torch optim.lr=0.1 model.dropout=0.5 epochs=20
+  bnlab train -m norm=custom,torch,none optim.lr=0.01,0.1,1 model.dropout=0,0.5
+  bnlab train experiment=lr_stability              (a preset sweep; no -m needed)
+  bnlab train -m hydra/launcher=joblib hydra.launcher.n_jobs=2 seed=0,1,2,3
+  bnlab train resume=outputs/runs/2026-11-23_10-00-00   (continue an interrupted run)
+  bnlab train --cfg job                             (print the composed config)
+  bnlab train --info                                (Hydra's config search path and groups)
+
+\b
+Config groups: data (cifar10, synthetic), model (cnn, vgg11, vgg16, resnet20),
+norm (custom, torch, none, noisy), optim (sgd, adam), sched (constant, step, cosine),
+probe (default, off, full), experiment (lr_stability, dropout, noisy_bn),
+hydra/launcher (basic, joblib, slurm). Top-level keys: seed, epochs, batch_size, device,
+compile, channels_last, amp, resume, overwrite. See README.md for every key.
+Hydra's own flags (--cfg, --info, --hydra-help, -m, --multirun, ...) work as usual."""
+
+app = typer.Typer(
+    help="bnlab: study internal covariate shift and batch normalization on CIFAR-10.\n\n"
+    "train runs experiments (Hydra overrides, sweeps with -m), compare summarizes sweeps, "
+    "plot draws activation-distribution, gradient, drift and ICS figures.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+# Errors the user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS = (UsageError, HydraException, OmegaConfBaseException)
+ONE_LINE_ERRORS = "BNLAB_ONE_LINE_ERRORS"  # set by `train` unless HYDRA_FULL_ERROR=1 was asked for
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra's messages span lines (available options, search path); fold them into one."""
+    text = str(error).split("\nConfig search path", 1)[0]
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause) not in text:
+        text += f" ({str(cause).splitlines()[0]})"
+    parts = [p.strip() for p in text.splitlines() if p.strip()]
+    return "; ".join(parts).replace(":;", ":")
+
+
+class RunDirGuard(Callback):
+    """Before Hydra writes ``.hydra/`` into a single run's dir, refuse a dir that already holds
+    a run unless ``resume`` or ``overwrite`` is set, so its config files are not clobbered."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        from bnlab.train import check_run_dir
+
+        try:
+            check_run_dir(Path(config.hydra.run.dir), config.resume, config.overwrite)
+        except UsageError as e:
+            _fail(e)  # Hydra turns a callback's exceptions into warnings; SystemExit stops it
+
+
+def _default_threads() -> int | None:
+    """Under a parallel launcher, give each job its share of the cores so jobs do not fight."""
+    launcher = HydraConfig.get().launcher
+    n_jobs = launcher.get("n_jobs") if "Joblib" in str(launcher.get("_target_", "")) else None
+    if not n_jobs or n_jobs < 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // n_jobs)
+
+
+@hydra.main(config_path="pkg://bnlab.configs", config_name="train", version_base="1.3")
+def _train_job(cfg: DictConfig) -> dict:
+    from bnlab import train
+
+    if cfg.threads is None:
+        cfg.threads = _default_threads()
+    try:
+        return train.run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UsageError as e:
+        # Leave the job as SystemExit: Hydra would add its own "Error executing job" line.
+        if os.environ.get(ONE_LINE_ERRORS) != "1":
+            raise
+        _fail(e)
+
+
+def _resume_args(args: list[str]) -> list[str]:
+    """``resume=RUN_DIR``: continue that run with its own recorded overrides, in place."""
+    out = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key != "resume" or value.lower() in ("true", "false"):
+            out.append(arg)
+            continue
+        overrides = Path(value) / ".hydra" / "overrides.yaml"
+        if not overrides.is_file():
+            raise UsageError(f"resume={value}: not a run dir ({overrides} is missing); "
+                             "use resume=true with the run's overrides, or a run dir")
+        saved = [o for o in yaml.safe_load(overrides.read_text()) or []
+                 if not o.startswith(("resume=", "hydra.run.dir="))]
+        quoted = value.replace("\\", "\\\\").replace("'", "\\'")
+        out += [*saved, f"hydra.run.dir='{quoted}'", "resume=true"]
+    return out
+
+
+def _fail(error: BaseException) -> None:
+    typer.echo(f"error: {one_line(error)}", err=True)
+    # SystemExit, not typer.Exit: inside a Hydra job an Exception would get Hydra's own report.
+    raise SystemExit(2)
+
+
+@app.command(help=TRAIN_HELP, context_settings={"allow_extra_args": True,
+                                                "ignore_unknown_options": True})
+def train(ctx: typer.Context) -> None:
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra prints errors itself unless HYDRA_FULL_ERROR is set; set it so they reach us and
+    # become one line (or, if the user asked for it, a traceback).
+    saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", ONE_LINE_ERRORS)}
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ[ONE_LINE_ERRORS] = "0" if full_error else "1"
+    try:
+        sys.argv = ["bnlab train", *_resume_args(list(ctx.args))]
+        _train_job()
+    except USER_ERRORS as e:
+        if full_error:
+            raise
+        _fail(e)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@app.command()
+def compare(
+    paths: Annotated[list[Path], typer.Argument(help="Sweep dirs, run dirs, or folders of them.")],
+    fmt: Annotated[str, typer.Option("--format", "-f",
+                                     help="table, csv, markdown or json.")] = "table",
+    out: Annotated[Path | None, typer.Option(help="Write the table to this file.")] = None,
+    figure: Annotated[Path | None, typer.Option(
+        help="Accuracy-vs-learning-rate figure (default: next to the table).")] = None,
+) -> None:
+    """Compare runs of sweeps: accuracy, divergence, gradients, drift and ICS per setting,
+    with seeds aggregated, and the largest stable learning rate per norm."""
+    from bnlab.analysis.compare import run_compare
+
+    try:
+        run_compare(paths, fmt=fmt, out=out, figure=figure)
+    except UsageError as e:
+        _fail(e)
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run dirs, one panel each.")],
+    out: Annotated[Path | None, typer.Option(help="Figure file (.png or .svg).")] = None,
+    layer: Annotated[list[str] | None, typer.Option(
+        help="Layer (module path) to draw; repeat for several. Default: shallow, middle, deep.")
+    ] = None,
+    step: Annotated[list[int] | None, typer.Option(
+        help="Step of a histogram snapshot; repeat for several.")] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="Show what the runs logged.")] = False,
+) -> None:
+    """Figures of a run's activation percentiles (Ioffe & Szegedy Fig. 1), gradient norms,
+    drift, ICS and histogram snapshots, runs side by side."""
+    from bnlab.analysis.plot import run_plot
+
+    if out is None and not list_only:
+        _fail(UsageError("--out FILE.png (or .svg) is required unless --list is given"))
+    try:
+        run_plot(run_dirs, out, layers=layer, steps=step, list_only=list_only)
+    except UsageError as e:
+        _fail(e)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

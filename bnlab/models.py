@@ -1,0 +1,231 @@
+"""CNN builders that take a norm factory and dropout rates.
+
+Every model places its *norm slot* between a conv (or hidden linear) layer and the nonlinearity
+after it, as in Ioffe & Szegedy (2015). A layer that feeds a norm carries no bias (the norm's β
+replaces it); under ``norm=none`` the slot is an ``nn.Identity`` and the layer keeps its bias, so
+the watched positions are the same modules whatever the norm is.
+
+Dropout placement (rates are config values, 0 disables):
+
+- ``cnn``: ``conv_dropout`` after each stage's pooling; ``dropout`` after the hidden linear
+  layer's nonlinearity, before the classifier.
+- ``vgg11``/``vgg16``: ``conv_dropout`` after each pooling; ``dropout`` after each of the two
+  hidden linear layers' nonlinearities (as in the original VGG classifier).
+- ``resnet20``: ``dropout`` before the final linear classifier (``conv_dropout`` is not used, as
+  dropout inside residual blocks is not part of the architecture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bnlab.errors import UsageError
+
+NormFactory = Callable[[int, int], nn.Module]
+"""``factory(num_features, dims)`` returns the module for one norm slot; dims is 1 or 2."""
+
+NORMS = ("custom", "torch", "none", "noisy")
+MODELS = ("cnn", "vgg11", "vgg16", "resnet20")
+INITS = ("kaiming", "xavier", "torch")
+
+VGG_LAYOUTS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"),
+}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One watched norm slot: ``layer`` feeds it (its output is the slot's input) and ``norm``
+    is the slot module itself (its output is the input to the nonlinearity)."""
+
+    layer: str
+    norm: str
+
+
+def _norm_classes(name: str) -> tuple[type[nn.Module], type[nn.Module]] | None:
+    """The (1-d, 2-d) norm classes for ``name``; None for ``none``."""
+    if name == "none":
+        return None
+    if name == "torch":
+        return nn.BatchNorm1d, nn.BatchNorm2d
+    from bnlab import nn as bnn  # only the custom kinds need bnlab.nn
+
+    if name == "noisy":
+        return bnn.NoisyBatchNorm1d, bnn.NoisyBatchNorm2d
+    return bnn.BatchNorm1d, bnn.BatchNorm2d
+
+
+def norm_factory(name: str, eps: float = 1e-5, momentum: float | None = 0.1,
+                 noise: dict | None = None) -> NormFactory:
+    """A factory for a model's norm slots: ``custom``, ``torch``, ``none`` or ``noisy``."""
+    if name not in NORMS:
+        raise UsageError(f"norm={name!r} is unknown; allowed: {', '.join(NORMS)}")
+    classes = _norm_classes(name)
+
+    def make(num_features: int, dims: int) -> nn.Module:
+        if classes is None:
+            slot: nn.Module = nn.Identity()
+        else:
+            cls = classes[dims - 1]
+            extra = dict(noise or {}) if name == "noisy" else {}
+            slot = cls(num_features, eps=eps, momentum=momentum, **extra)
+        slot.is_norm_slot = True  # marks the slot for find_slots(), even when it is an Identity
+        return slot
+
+    make.has_norm = name != "none"  # type: ignore[attr-defined]
+    return make
+
+
+def _conv_block(cin: int, cout: int, norm: NormFactory) -> list[nn.Module]:
+    has_norm = norm.has_norm  # type: ignore[attr-defined]
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=not has_norm), norm(cout, 2),
+            nn.ReLU(inplace=True)]
+
+
+def _hidden_linear(fin: int, fout: int, norm: NormFactory, dropout: float) -> list[nn.Module]:
+    has_norm = norm.has_norm  # type: ignore[attr-defined]
+    layers = [nn.Linear(fin, fout, bias=not has_norm), norm(fout, 1), nn.ReLU(inplace=True)]
+    return [*layers, nn.Dropout(dropout)] if dropout > 0 else layers
+
+
+def _maybe_dropout(p: float) -> list[nn.Module]:
+    return [nn.Dropout(p)] if p > 0 else []
+
+
+class Classifier(nn.Module):
+    """``features`` → flatten → ``classifier``; the shape shared by ``cnn`` and the VGGs."""
+
+    def __init__(self, features: list[nn.Module], classifier: list[nn.Module]) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(*classifier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def cnn(norm: NormFactory, channels: Sequence[int] = (32, 64, 128), depth: int = 1,
+        hidden: int = 256, dropout: float = 0.0, conv_dropout: float = 0.0,
+        num_classes: int = 10) -> Classifier:
+    """A small CIFAR CNN: stages of ``depth`` conv blocks, each stage ending in 2×2 max-pooling,
+    then one hidden linear layer and the classifier."""
+    features: list[nn.Module] = []
+    cin = 3
+    for cout in channels:
+        for _ in range(depth):
+            features += _conv_block(cin, cout, norm)
+            cin = cout
+        features += [nn.MaxPool2d(2), *_maybe_dropout(conv_dropout)]
+    side = 32 // 2 ** len(channels)
+    classifier = [*_hidden_linear(cin * side * side, hidden, norm, dropout),
+                  nn.Linear(hidden, num_classes)]
+    return Classifier(features, classifier)
+
+
+def vgg(name: str, norm: NormFactory, dropout: float = 0.0, conv_dropout: float = 0.0,
+        hidden: int = 512, num_classes: int = 10) -> Classifier:
+    """VGG-11/16 for 32×32 inputs (Simonyan & Zisserman 2015, as used on CIFAR-10 in the BN
+    literature): the ImageNet conv stack, a 1×1 map after five poolings, two hidden layers."""
+    features: list[nn.Module] = []
+    cin = 3
+    for item in VGG_LAYOUTS[name]:
+        if item == "M":
+            features += [nn.MaxPool2d(2), *_maybe_dropout(conv_dropout)]
+        else:
+            features += _conv_block(cin, int(item), norm)
+            cin = int(item)
+    classifier = [*_hidden_linear(cin, hidden, norm, dropout),
+                  *_hidden_linear(hidden, hidden, norm, dropout),
+                  nn.Linear(hidden, num_classes)]
+    return Classifier(features, classifier)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 conv slots with an identity shortcut; a 1×1 conv slot when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: NormFactory) -> None:
+        super().__init__()
+        bias = not norm.has_norm  # type: ignore[attr-defined]
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
+        self.norm1 = norm(cout, 2)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
+        self.norm2 = norm(cout, 2)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=bias),
+                                          norm(cout, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-20 for CIFAR-10 (He et al. 2016, Sec. 4.2): 3 stages × 3 blocks, 16/32/64 wide."""
+
+    def __init__(self, norm: NormFactory, blocks: int = 3, width: int = 16,
+                 dropout: float = 0.0, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=not norm.has_norm)  # type: ignore[attr-defined]
+        self.norm = norm(width, 2)
+        stages: list[nn.Module] = []
+        cin = width
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                stages.append(BasicBlock(cin, cout, 2 if (i > 0 and b == 0) else 1, norm))
+                cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(torch.relu(self.norm(self.conv(x))))
+        return self.fc(self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Initialise conv/linear weights: ``kaiming`` (He et al. 2015, fan-out, for ReLU nets),
+    ``xavier`` (Glorot & Bengio 2010), or ``torch`` (PyTorch's defaults, left untouched)."""
+    if scheme not in INITS:
+        raise UsageError(f"model.init={scheme!r} is unknown; allowed: {', '.join(INITS)}")
+    if scheme == "torch":
+        return
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "kaiming":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def find_slots(model: nn.Module) -> list[Slot]:
+    """The model's norm slots in forward order, each with the conv/linear layer that feeds it."""
+    slots, last_layer = [], None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            last_layer = name
+        elif getattr(module, "is_norm_slot", False) and last_layer is not None:
+            slots.append(Slot(layer=last_layer, norm=name))
+    return slots
+
+
+def build_model(name: str, norm: NormFactory, init: str = "kaiming", **kwargs) -> nn.Module:
+    """Build a model by config name; ``kwargs`` are the builder's own options."""
+    if name not in MODELS:
+        raise UsageError(f"model={name!r} is unknown; allowed: {', '.join(MODELS)}")
+    if name == "cnn":
+        model: nn.Module = cnn(norm, **kwargs)
+    elif name.startswith("vgg"):
+        model = vgg(name, norm, **kwargs)
+    else:
+        model = ResNet(norm, **kwargs)
+    init_weights(model, init)
+    return model

@@ -1,0 +1,85 @@
+"""The one writer of a run's outputs: TensorBoard scalars, histograms, hparams, and JSON files.
+
+Scalars arrive as floats or 0-d device tensors and are buffered; ``flush()`` moves all buffered
+tensors to the host in one transfer, so on a GPU the training step never waits for the logger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically: a reader (or a crash) sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tracker:
+    """TensorBoard writer for one run dir. ``purge_step`` (on resume) tells TensorBoard to drop
+    events at or after that step from earlier files, so a resumed log has no duplicated steps."""
+
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step, flush_secs=60)
+        self._pending: list[tuple[int, str, torch.Tensor | float]] = []
+
+    def scalars(self, values: Mapping[str, torch.Tensor | float], step: int) -> None:
+        self._pending.extend((step, tag, v) for tag, v in values.items())
+
+    def histograms(self, values: Mapping[str, torch.Tensor], step: int) -> None:
+        for tag, v in values.items():
+            finite = v.detach().float().flatten()
+            finite = finite[torch.isfinite(finite)].cpu()
+            if finite.numel():  # TensorBoard rejects empty or non-finite histograms
+                self.writer.add_histogram(tag, finite, step)
+
+    def flush(self) -> None:
+        """Write buffered scalars, with a single device-to-host transfer for all tensors."""
+        if not self._pending:
+            return
+        tensors = [v for _, _, v in self._pending if isinstance(v, torch.Tensor)]
+        host = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+                    if tensors else [])
+        for step, tag, v in self._pending:
+            self.writer.add_scalar(tag, next(host) if isinstance(v, torch.Tensor) else v, step)
+        self._pending.clear()
+        self.writer.flush()
+
+    def layout(self, layers: list[str]) -> None:
+        """A custom-scalars chart per watched layer with its 15/50/85th percentile band, the
+        view of Ioffe & Szegedy (2015, Fig. 1)."""
+        charts = {layer: ["Margin", [f"act/p50/{layer}", f"act/p15/{layer}", f"act/p85/{layer}"]]
+                  for layer in layers}
+        self.writer.add_custom_scalars({"percentiles": charts})
+
+    def hparams(self, params: Mapping[str, object], metrics: Mapping[str, float],
+                step: int) -> None:
+        """The HParams dashboard entry, written into this run's own log dir (SummaryWriter's
+        add_hparams would make a sub-run dir instead)."""
+        for summary in hparams(dict(params), dict(metrics)):
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
