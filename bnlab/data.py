@@ -59,6 +59,10 @@ class Dataset:
 # -- safe reading of the python-pickle layout ------------------------------------------------
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Admits only what a CIFAR batch file is made of: dicts, lists, strings, numbers and numpy
     arrays. A crafted pickle naming any other callable (``os.system`` …) is refused before it
@@ -74,7 +78,9 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+            raise _Refused(f"refusing to load {module}.{name}")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = module.replace("numpy.core.", "numpy._core.")  # numpy 2 moved (and warns)
         return super().find_class(module, name)
 
 
@@ -87,9 +93,10 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
             raw = _CifarUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise UsageError(f"{path} is not a CIFAR-10 batch file: {e}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError) as e:
         raise UsageError(f"{path} is truncated or not a pickle ({e}); {hint}") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path} holds a {type(raw).__name__}, not a CIFAR-10 batch dict")

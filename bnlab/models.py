@@ -190,7 +190,8 @@ class ResNet(nn.Module):
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
-    """Initialise conv/linear weights: ``kaiming`` (He et al. 2015, fan-out, for ReLU nets),
+    """Initialise conv/linear weights: ``kaiming`` (He et al. 2015: fan-in, so the forward
+    signal keeps its scale through ReLU layers even without a norm),
     ``xavier`` (Glorot & Bengio 2010), or ``torch`` (PyTorch's defaults, left untouched)."""
     if scheme not in INITS:
         raise UsageError(f"model.init={scheme!r} is unknown; allowed: {', '.join(INITS)}")
@@ -199,7 +200,7 @@ def init_weights(model: nn.Module, scheme: str) -> None:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if scheme == "kaiming":
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             else:
                 nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
