@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -73,10 +74,28 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
         from bnlab.train import check_run_dir
 
+        run_dir = Path(config.hydra.run.dir)
         try:
-            check_run_dir(Path(config.hydra.run.dir), config.resume, config.overwrite)
+            _check_writable(run_dir)
+            check_run_dir(run_dir, config.resume, config.overwrite)
         except UsageError as e:
             _fail(e)  # Hydra turns a callback's exceptions into warnings; SystemExit stops it
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        try:
+            _check_writable(Path(config.hydra.sweep.dir))
+        except UsageError as e:
+            _fail(e)
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder}: {e.strerror}; choose another "
+                         "hydra.run.dir / hydra.sweep.dir") from None
 
 
 def _default_threads() -> int | None:

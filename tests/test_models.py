@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.errors import UsageError
+from bnlab.models import MODELS, build_model, find_slots, norm_factory
+
+TINY = {"cnn": {"channels": [4, 8], "hidden": 16}, "vgg11": {"hidden": 16},
+        "vgg16": {"hidden": 16}, "resnet20": {"width": 4, "blocks": 1}}
+SLOTS = {"cnn": 3, "vgg11": 10, "vgg16": 15, "resnet20": 1 + 3 * 2 + 2}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("norm", ["torch", "none"])
+def test_every_model_classifies_cifar_shaped_input(name, norm):
+    model = build_model(name, norm_factory(norm), **TINY[name])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_norm_slot_sits_between_layer_and_nonlinearity_and_positions_match(name):
+    with_bn = build_model(name, norm_factory("torch"), **TINY[name])
+    without = build_model(name, norm_factory("none"), **TINY[name])
+    slots = find_slots(with_bn)
+    assert slots == find_slots(without)  # the same watched positions whatever the norm
+    assert len(slots) == SLOTS[name]
+    modules = dict(with_bn.named_modules())
+    for slot in slots:
+        layer, norm = modules[slot.layer], modules[slot.norm]
+        assert isinstance(layer, (nn.Conv2d, nn.Linear))
+        assert isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d))
+        assert layer.bias is None  # β of the norm replaces it
+        assert norm.num_features == layer.weight.shape[0]
+        assert isinstance(dict(without.named_modules())[slot.norm], nn.Identity)
+        assert dict(without.named_modules())[slot.layer].bias is not None
+
+
+def test_cnn_block_order_is_conv_norm_relu():
+    model = build_model("cnn", norm_factory("torch"), channels=[4], hidden=8)
+    kinds = [type(m) for m in model.features]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+    assert [type(m) for m in model.classifier] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+
+
+def test_dropout_sits_where_documented():
+    model = build_model("cnn", norm_factory("none"), channels=[4], hidden=8, dropout=0.5,
+                        conv_dropout=0.2)
+    assert [type(m) for m in model.features][-1] is nn.Dropout
+    assert model.features[-1].p == 0.2
+    assert [type(m) for m in model.classifier] == [nn.Linear, nn.Identity, nn.ReLU, nn.Dropout,
+                                                   nn.Linear]
+    assert model.classifier[3].p == 0.5
+    plain = build_model("cnn", norm_factory("none"), channels=[4], hidden=8)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    resnet = build_model("resnet20", norm_factory("none"), width=4, blocks=1, dropout=0.3)
+    assert isinstance(resnet.dropout, nn.Dropout) and resnet.dropout.p == 0.3
+
+
+def test_cnn_depth_and_width_are_configurable():
+    model = build_model("cnn", norm_factory("torch"), channels=[4, 8, 16], depth=2, hidden=8)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 4, 8, 8, 16, 16]
+
+
+def test_init_schemes():
+    torch.manual_seed(0)
+    model = build_model("cnn", norm_factory("none"), init="kaiming", channels=[64], hidden=8)
+    conv = model.features[0]
+    fan_in = conv.weight[0].numel()
+    assert abs(conv.weight.std().item() - (2 / fan_in) ** 0.5) < 0.02
+    assert torch.all(conv.bias == 0)
+    with pytest.raises(UsageError, match=r"model.init='he' is unknown; allowed: kaiming"):
+        build_model("cnn", norm_factory("none"), init="he")
+
+
+def test_unknown_names_are_usage_errors():
+    with pytest.raises(UsageError, match=r"norm='batch' is unknown; allowed: custom, torch"):
+        norm_factory("batch")
+    with pytest.raises(UsageError, match=r"model='vgg19' is unknown"):
+        build_model("vgg19", norm_factory("none"))
