@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -68,14 +69,20 @@ def one_line(error: BaseException) -> str:
 
 
 class RunDirGuard(Callback):
-    """Before Hydra writes ``.hydra/`` into a single run's dir, refuse a dir that already holds
-    a run unless ``resume`` or ``overwrite`` is set, so its config files are not clobbered."""
+    """Checks before Hydra creates a single run's dir: the config is valid, the data is there,
+    and the dir is writable and holds no run (unless ``resume`` or ``overwrite`` is set), so a
+    mistake leaves no stray run dir and never clobbers an existing run's ``.hydra/`` files."""
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        from bnlab.config import pick_device, validate
+        from bnlab.data import locate
         from bnlab.train import check_run_dir
 
         run_dir = Path(config.hydra.run.dir)
-        try:
+        try:  # the checks that need no run dir come first, so a mistake leaves none behind
+            validate(config)
+            pick_device(config.device)
+            locate(config.data)
             _check_writable(run_dir)
             check_run_dir(run_dir, config.resume, config.overwrite)
         except UsageError as e:
@@ -117,8 +124,6 @@ def _train_job(cfg: DictConfig) -> dict:
         return train.run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except UsageError as e:
         # Leave the job as SystemExit: Hydra would add its own "Error executing job" line.
-        if os.environ.get(ONE_LINE_ERRORS) != "1":
-            raise
         _fail(e)
 
 
@@ -142,6 +147,8 @@ def _resume_args(args: list[str]) -> list[str]:
 
 
 def _fail(error: BaseException) -> None:
+    if os.environ.get(ONE_LINE_ERRORS) == "0":  # HYDRA_FULL_ERROR=1: the whole story
+        traceback.print_exception(error)
     typer.echo(f"error: {one_line(error)}", err=True)
     # SystemExit, not typer.Exit: inside a Hydra job an Exception would get Hydra's own report.
     raise SystemExit(2)
@@ -156,14 +163,16 @@ def train(ctx: typer.Context) -> None:
     saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", ONE_LINE_ERRORS)}
     os.environ["HYDRA_FULL_ERROR"] = "1"
     os.environ[ONE_LINE_ERRORS] = "0" if full_error else "1"
+    argv = sys.argv
     try:
-        sys.argv = ["bnlab train", *_resume_args(list(ctx.args))]
+        sys.argv = ["bnlab train", *_resume_args(list(ctx.args))]  # where hydra.main reads them
         _train_job()
     except USER_ERRORS as e:
         if full_error:
             raise
         _fail(e)
     finally:
+        sys.argv = argv
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -214,16 +214,23 @@ def load(cfg: DictConfig, device: torch.device, seed: int = 0) -> Dataset:
                    std.float().to(device))
 
 
-def _read_cifar(cfg: DictConfig) -> tuple[Split, Split]:
+def locate(cfg: DictConfig) -> Path | None:
+    """The dataset folder named by the ``data`` config; None when it is to be downloaded (or
+    made, for synthetic data). Cheap, so the CLI checks it before creating a run dir."""
+    if cfg.name == "synthetic":
+        return None
     root = Path(cfg.root).expanduser()
     folder = find_folder(root)
-    if folder is None:
-        if not cfg.download:
-            raise UsageError(
-                f"CIFAR-10 not found: looked for {root / FOLDER}/data_batch_1 and "
-                f"{root}/data_batch_1; set data.root=DIR to the folder holding {FOLDER}, "
-                "or data.download=true to fetch it")
-        folder = download(root, cfg.url, cfg.md5)
+    if folder is None and not cfg.download:
+        raise UsageError(
+            f"CIFAR-10 not found: looked for {root / FOLDER}/data_batch_1 and "
+            f"{root}/data_batch_1; set data.root=DIR to the folder holding {FOLDER}, "
+            "or data.download=true to fetch it")
+    return folder
+
+
+def _read_cifar(cfg: DictConfig) -> tuple[Split, Split]:
+    folder = locate(cfg) or download(Path(cfg.root).expanduser(), cfg.url, cfg.md5)
     return _read_split(folder, TRAIN_FILES), _read_split(folder, TEST_FILES)
 
 

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bnlab.cli import app
+from tests.cli import bnlab, metrics, scalars, tiny
+
+METRIC_KEYS = {"status", "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
+               "diverged", "diverged_step", "epochs_completed", "steps", "wall_time_s",
+               "images_per_s", "peak_rss_mb", "config", "history"}
+
+
+@pytest.mark.parametrize("norm", ["custom", "torch", "none"])
+def test_single_run_writes_a_self_contained_run_dir(tmp_path, cifar_root, norm):
+    run_dir = tmp_path / "run"
+    r = bnlab("train", *tiny(cifar_root, f"norm={norm}", "probe=off", f"hydra.run.dir={run_dir}"),
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = metrics(run_dir)
+    assert m.keys() >= METRIC_KEYS
+    assert m["status"] == "completed" and m["diverged"] is False and m["diverged_step"] is None
+    assert m["epochs_completed"] == 2 and m["steps"] == 2 * (100 // 10)
+    assert 0 <= m["final_test_acc"] <= 1 and m["best_test_acc"] >= m["final_test_acc"]
+    assert m["config"] == {"norm": norm, "model": "cnn", "lr": 0.05, "dropout": 0.0,
+                           "batch_size": 10, "seed": 0, "epochs": 2, "optimizer": "sgd",
+                           "momentum": 0.9, "weight_decay": 0.0005, "sched": "cosine",
+                           "data": "cifar10"}
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    assert m["history"][-1]["test_acc"] == m["final_test_acc"]
+    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert cfg["norm"]["name"] == norm
+    assert f"norm={norm}" in yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    tags = scalars(run_dir)
+    assert [s for s, _ in tags["train/loss"]] == list(range(1, 21))
+    assert [s for s, _ in tags["test/acc"]] == [10, 20]
+    assert tags["test/acc"][-1][1] == pytest.approx(m["final_test_acc"])
+    assert {"train/acc", "test/loss", "opt/lr", "hparam/final_test_acc"} <= tags.keys()
+    assert (run_dir / "checkpoint.pt").is_file()
+
+
+def test_sweep_names_job_dirs_from_overrides_and_survives_divergence(tmp_path, cifar_root):
+    sweep = tmp_path / "sweep"
+    r = bnlab("train", "-m", *tiny(cifar_root, "probe=off", "norm=torch,none",
+                                   "optim.lr=0.05,1e5", f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    common = "batch_size=10,epochs=2,eval_batch_size=64,model.channels=[4,8],model.hidden=16,"
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert names == sorted(f"{common}norm={n},optim.lr={lr},probe=off"
+                           for n in ("none", "torch") for lr in ("0.05", "100000.0"))
+    runs = {n: metrics(sweep / n) for n in names}
+    assert all(m["status"] in ("completed", "diverged") for m in runs.values())
+    diverged = [m for m in runs.values() if m["diverged"]]
+    assert diverged and all(m["config"]["lr"] == 1e5 for m in diverged)
+    for m in diverged:
+        assert m["status"] == "diverged" and m["diverged_step"] >= 1
+        assert m["final_test_acc"] is None
+
+
+def test_help_explains_hydra_hand_off_with_examples(tmp_path):
+    r = bnlab("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "train" in r.stdout and "compare" in r.stdout
+    r = bnlab("train", "--help", cwd=tmp_path)
+    assert r.returncode == 0
+    assert "bnlab train -m norm=custom,torch,none" in r.stdout and "--cfg job" in r.stdout
+
+
+def test_hydra_flags_pass_through(tmp_path):
+    r = bnlab("train", "--cfg", "job", "norm=none", "optim=adam", "+extra=1", "~sched",
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["norm"]["name"] == "none" and cfg["optim"]["name"] == "adam"
+    assert cfg["extra"] == 1 and "sched" not in cfg
+    assert not (tmp_path / "outputs").exists()
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cifar_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    r = bnlab("train", *tiny(cifar_root, "epochs=1", "probe=off", f"hydra.run.dir={run_dir}"),
+              cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+BAD_INPUTS = [
+    (["norm=batch"], r"Could not find 'norm/batch'.*Available options in 'norm':.*custom"),
+    (["optim.lrr=0.1"], r"Could not override 'optim.lrr'"),
+    (["optim.lr=abc"], r"optim.lr='abc' is invalid: must be a number > 0"),
+    (["optim.lr=0"], r"optim.lr=0 is invalid: must be a number > 0"),
+    (["model.dropout=1.0"], r"model.dropout=1.0 is invalid: must be a number in \[0, 1\)"),
+    (["model.dropout=-0.1"], r"model.dropout=-0.1 is invalid"),
+    (["batch_size=0"], r"batch_size=0 is invalid: must be an integer > 1"),
+    (["epochs=0"], r"epochs=0 is invalid: must be an integer > 0"),
+    (["epochs=2.5"], r"epochs=2.5 is invalid: must be an integer > 0"),
+    (["device=tpu"], r"device='tpu' is invalid: must be auto, cpu, cuda, cuda:N or mps"),
+    (["device=cuda:3"], r"device=cuda:3 is not available"),
+    (["data.root=/no/such/dir"], r"CIFAR-10 not found: looked for /no/such/dir"),
+    (["optim.lr=["], r"no viable alternative at input"),
+    (["resume=/no/such/run"], r"resume=/no/such/run: not a run dir"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=lambda a: str(a))
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(cifar_root, finished_run, monkeypatch,
+                                                          args, message):
+    # In-process (the same code path as the console script, minus interpreter start-up).
+    monkeypatch.chdir(finished_run.parent)
+    before = digest(finished_run.parent)
+    r = CliRunner().invoke(app, ["train", *tiny(cifar_root, "probe=off"), *args])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in r.stderr
+    assert digest(finished_run.parent) == before
+
+
+def test_bad_input_from_the_console_has_no_traceback(tmp_path, cifar_root):
+    r = bnlab("train", *tiny(cifar_root, "probe=off", "optim.lr=-1"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr == "error: optim.lr=-1 is invalid: must be a number > 0\n"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_finished_run_dir_is_not_overwritten_unless_asked(tmp_path, cifar_root, finished_run):
+    before = digest(finished_run)
+    r = bnlab("train", *tiny(cifar_root, "probe=off", "norm=none",
+                             f"hydra.run.dir={finished_run}"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "already holds a finished run" in r.stderr and "overwrite=true" in r.stderr
+    assert digest(finished_run) == before
+    # resume=true on a finished run skips it, keeping its results
+    results = metrics(finished_run)
+    r = bnlab("train", *tiny(cifar_root, "epochs=1", "probe=off", "resume=true",
+                             f"hydra.run.dir={finished_run}"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "already finished" in r.stderr + r.stdout
+    assert metrics(finished_run) == results
+
+
+def test_overwrite_starts_over_cleanly(tmp_path, cifar_root, finished_run):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, run_dir)
+    r = bnlab("train", *tiny(cifar_root, "probe=off", "norm=none", "overwrite=true",
+                             f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert metrics(run_dir)["config"]["norm"] == "none"
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+
+
+def test_unwritable_output_dir_is_a_clear_error(tmp_path, cifar_root):
+    if os.geteuid() == 0:
+        target = Path("/proc/bnlab-run")  # not even root can create a dir here
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "run"
+    r = bnlab("train", *tiny(cifar_root, "probe=off", f"hydra.run.dir={target}"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0] and str(target) in lines[0]
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path, cifar_root):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    r = bnlab("train", *tiny(cifar_root, "probe=off", "optim.lr=-1"), cwd=tmp_path, env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "optim.lr=-1" in r.stderr

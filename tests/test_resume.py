@@ -1,0 +1,126 @@
+"""Interruption and resume: a killed or signalled run, resumed, equals its uninterrupted twin."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.cli import bnlab, metrics, scalars, tiny
+
+# 10 steps per epoch, 4 epochs, dropout on (global RNG) and augmentation on (stateless RNG).
+ARGS = ("epochs=4", "batch_size=10", "model.dropout=0.3", "optim.nesterov=true")
+
+
+def start(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    args = tiny(root, *ARGS, f"hydra.run.dir={run_dir}", *extra)
+    return subprocess.Popen([sys.executable, "-m", "bnlab.cli", "train", *args],
+                            cwd=run_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ca = torch.load(a / "checkpoint.pt", weights_only=True)
+    cb = torch.load(b / "checkpoint.pt", weights_only=True)
+    for key, value in ca["model"].items():
+        assert torch.equal(value, cb["model"][key]), key
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values(),
+                      strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    ma, mb = metrics(a), metrics(b)
+    for key in ("status", "final_test_acc", "best_test_acc", "final_train_loss", "steps",
+                "epochs_completed", "history", "config"):
+        assert ma[key] == mb[key], key
+    ta, tb = scalars(a), scalars(b)
+    for tag in ("train/loss", "test/acc", "opt/lr"):
+        assert ta[tag] == tb[tag], tag  # same steps, once each, same values
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory, cifar_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("twin") / "run"
+    r = bnlab("train", *tiny(cifar_root, *ARGS, f"hydra.run.dir={run_dir}"), cwd=run_dir.parent)
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, cifar_root, twin):
+    run_dir = tmp_path / "run"
+    proc = start(cifar_root, run_dir)
+    wait_for_checkpoint(run_dir, proc)
+    time.sleep(0.3)  # into the next epoch
+    proc.kill()
+    proc.wait()
+    assert metrics(run_dir)["status"] == "running"  # what a hard kill leaves behind
+    r = bnlab("train", "resume=" + str(run_dir), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    assert_same_run(twin, run_dir)
+
+
+def test_sigterm_stops_saves_and_resumes_exactly(tmp_path, cifar_root, twin):
+    run_dir = tmp_path / "run"
+    proc = start(cifar_root, run_dir)
+    wait_for_checkpoint(run_dir, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    m = metrics(run_dir)
+    assert m["status"] == "interrupted" and 10 <= m["steps"] < 40
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert saved["progress"]["step"] == m["steps"]
+    r = bnlab("train", *tiny(cifar_root, *ARGS, f"hydra.run.dir={run_dir}", "resume=true"),
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(twin, run_dir)
+
+
+def test_sigint_exits_130_and_marks_interrupted(tmp_path, cifar_root):
+    run_dir = tmp_path / "run"
+    proc = start(cifar_root, run_dir)
+    wait_for_checkpoint(run_dir, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert metrics(run_dir)["status"] == "interrupted"
+
+
+def test_resume_refuses_a_corrupt_checkpoint(tmp_path, cifar_root, twin):
+    run_dir = tmp_path / "run"
+    r = bnlab("train", *tiny(cifar_root, *ARGS, "epochs=1", f"hydra.run.dir={run_dir}"),
+              cwd=tmp_path)
+    assert r.returncode == 0
+    (run_dir / "metrics.json").write_text('{"status": "running"}')
+    (run_dir / "checkpoint.pt").write_bytes(b"garbage")
+    r = bnlab("train", f"resume={run_dir}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot resume from"), r.stderr
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, cifar_root):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    run_dir = tmp_path / "run"
+    r = bnlab("train", *tiny(cifar_root, *ARGS, "epochs=1", f"hydra.run.dir={run_dir}"),
+              cwd=tmp_path)
+    assert r.returncode == 0
+    (run_dir / "metrics.json").write_text('{"status": "running"}')
+    torch.save({"model": Evil()}, run_dir / "checkpoint.pt")
+    r = bnlab("train", f"resume={run_dir}", cwd=tmp_path)
+    assert r.returncode == 2 and "cannot resume" in r.stderr
+    assert not (tmp_path / "pwned").exists()
