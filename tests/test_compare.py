@@ -8,12 +8,15 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from bnlab.analysis.compare import run_compare
+from bnlab.analysis.plot import run_plot
 from bnlab.errors import UsageError
 from tests.rundirs import write_hydra, write_run, write_sweep
 
@@ -243,3 +246,30 @@ def test_failed_compare_leaves_existing_files_alone(sweep, tmp_path):
         run_compare([root, tmp_path], fmt="csv", out=out)
     assert out.read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.png", "results.csv"]
+
+
+def test_end_to_end_a_tiny_real_sweep_compares_and_plots(tmp_path, capsys):
+    """`bnlab train -m` on tiny synthetic data, then compare and plot its sweep dir."""
+    sweep = tmp_path / "sweep"
+    trained = subprocess.run(
+        [sys.executable, "-m", "bnlab.cli", "train", "-m", "data=synthetic",
+         "data.train_size=40", "data.test_size=40", "model.channels=[4,8]", "model.hidden=16",
+         "batch_size=10", "eval_batch_size=40", "epochs=1", "threads=1", "norm=custom,none",
+         "seed=0", "probe.act_every=1", "probe.hist_every=2", "probe.ics_every=2",
+         "probe.batch_size=20", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    doc = compare_json([sweep], capsys)
+    run_dirs = {json.loads((d / "metrics.json").read_text())["config"]["norm"]: d
+                for d in sweep.iterdir() if d.is_dir()}
+    assert doc["varying"] == ["norm"] and doc["unfinished"] == []
+    for row in doc["settings"]:
+        metrics = json.loads((run_dirs[row["setting"]["norm"]] / "metrics.json").read_text())
+        assert row["metrics"]["final_test_acc"]["mean"] == metrics["final_test_acc"]
+        assert row["n_diverged"] == int(metrics["diverged"])
+        assert row["metrics"]["peak_grad_norm"]["mean"] is not None
+    custom = next(row for row in doc["settings"] if row["setting"]["norm"] == "custom")
+    assert custom["metrics"]["drift_w1"]["n"] == custom["metrics"]["ics_l2"]["n"] == 1
+    assert (sweep / "compare_lr.png").read_bytes().startswith(PNG_MAGIC)
+    run_plot([run_dirs["custom"], run_dirs["none"]], tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").read_bytes().startswith(PNG_MAGIC)

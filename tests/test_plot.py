@@ -33,7 +33,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def test_png_figure_of_runs_side_by_side(runs, tmp_path, capsys):
     out = tmp_path / "fig.png"
-    run_plot([runs["custom"], runs["none"]], out)
+    run_plot([runs["custom"], runs["none"]], out, layers=["features.0"])
     assert out.read_bytes().startswith(PNG_MAGIC)
     assert f"Wrote figure: {out}" in capsys.readouterr().err
 

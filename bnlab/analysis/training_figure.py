@@ -3,7 +3,7 @@
 Rows, where any run logged them: the activation percentile bands of each chosen layer over
 training (Ioffe & Szegedy 2015, Fig. 1: 15th, 50th and 85th percentile), the global gradient
 norm, activation drift, gradient-based ICS, and histogram snapshots of each chosen layer.
-Panels in a row share their y axis, so runs side by side compare at a glance.
+Curves over steps share each row's y axis, so runs side by side compare at a glance.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
 
-from bnlab.analysis.events import Events, Snapshot
+from bnlab.analysis.events import Events, Series, Snapshot
 from bnlab.analysis.runs import Run
 
 # Line rows: scalar tag prefix (one tag per layer) and the row's y label.
@@ -64,17 +64,20 @@ def plan_rows(runs: list[RunData], layers: list[str]) -> list[Row]:
 
 def training_figure(runs: list[RunData], layers: list[str], rows: list[Row]) -> Figure:
     fig = _grid_figure(len(rows), len(runs))
-    axes = fig.subplots(len(rows), len(runs), squeeze=False, sharey="row")
+    axes = fig.subplots(len(rows), len(runs), squeeze=False)
+    for r, row in enumerate(rows):
+        axes[r, 0].set_ylabel(_row_label(row))
+        # Curves over steps share the row's y axis, so runs compare at a glance. Histograms
+        # keep their own axes: next to a diverging run, a healthy one would be a flat line.
+        if row.kind != "hist":
+            for ax in axes[r, 1:]:
+                ax.sharey(axes[r, 0])
+                ax.tick_params(labelleft=False)
     colors = _layer_colors(runs, layers)
     for col, data in enumerate(runs):
         axes[0, col].set_title(_run_title(data.run), fontsize="medium")
         for r, row in enumerate(rows):
             _draw(axes[r, col], row, data, layers, colors, legend=col == 0 or row.kind != "bands")
-    for r, row in enumerate(rows):
-        axes[r, 0].set_ylabel(_row_label(row))
-        if row.kind == "hist":  # one activation scale per row compares runs honestly
-            for ax in axes[r, 1:]:
-                ax.sharex(axes[r, 0])
     # About nine characters of large text per inch: wrap the title to the figure's width.
     title = textwrap.fill(TITLE, width=int(fig.get_figwidth() * 9))
     fig.suptitle(title, fontsize="large", va="top", y=1 - 0.1 / fig.get_figheight())
@@ -107,6 +110,7 @@ def _draw(ax: Axes, row: Row, data: RunData, layers: list[str], colors: dict[str
         else:
             drawn = _draw_lines(ax, events, row.key, layers, colors)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _mark_divergence(ax, data.run)
     if not drawn:
         ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
@@ -132,12 +136,13 @@ def _draw_grad(ax: Axes, events: Events) -> bool:
     if series is None:
         return False
     finite = np.isfinite(series.values)
-    ax.plot(series.steps[finite], series.values[finite], color="C3", label="global norm")
+    ax.plot(series.steps[finite], series.values[finite], color="C3", label="global norm",
+            marker=_marker(series))
     if np.all(series.values[finite] > 0):  # norms span decades around instabilities
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 3, not 3×10⁰
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # Plain numbers (3, not 3×10⁰); minor ticks labelled only where decades are few.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     return True
 
 
@@ -148,36 +153,56 @@ def _draw_lines(ax: Axes, events: Events, prefix: str, layers: list[str],
     shown = [layer for layer in layers if layer in logged] or logged
     for layer in shown:
         series = events.scalars[prefix + layer]
-        ax.plot(series.steps, series.values, color=colors.get(layer), label=layer)
+        ax.plot(series.steps, series.values, color=colors.get(layer), label=layer,
+                marker=_marker(series))
     return bool(shown)
 
 
+def _marker(series: Series) -> str | None:
+    """Dots on short curves, so that a curve of one point still shows."""
+    return "." if len(series.steps) <= 40 else None
+
+
 def _draw_hist(ax: Axes, snapshots: list[Snapshot]) -> bool:
-    shades = np.linspace(0.15, 0.85, len(snapshots)) if snapshots else []
-    for shade, snap in zip(shades, snapshots, strict=True):
-        edges, density = _uniform_density(snap)
+    if not snapshots:
+        return False
+    # The central 99% of every snapshot: a few far outliers would squash the rest to a spike.
+    low = min(_quantile(snap, 0.005) for snap in snapshots)
+    high = max(_quantile(snap, 0.995) for snap in snapshots)
+    if high <= low:  # every value equal, e.g. a dead layer: a unit range around the value
+        low, high = low - 0.5, high + 0.5
+    for shade, snap in zip(np.linspace(0.15, 0.85, len(snapshots)), snapshots, strict=True):
+        edges, density = _uniform_density(snap, low, high)
         ax.stairs(density, edges, color=colormaps["viridis"](shade), label=f"step {snap.step}")
-    ax.set_xlabel("activation value")
-    return bool(snapshots)
+    ax.set_xlabel("activation value (central 99%)")
+    return True
 
 
-def _uniform_density(snap: Snapshot, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """The histogram on `bins` equal-width bins, as a density.
+def _uniform_density(snap: Snapshot, low: float, high: float,
+                     bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """The histogram on `bins` equal bins over [low, high], as a density of all values.
 
     Writers bucket exponentially (very narrow buckets near zero), which drawn as is turns a
     few values near zero into tall spikes; spreading each bucket's count evenly over its
     width and re-binning, as TensorBoard does for display, shows the distribution instead.
     """
-    low, high = float(snap.edges[0]), float(snap.edges[-1])
-    if high <= low:  # every value equal, e.g. a dead layer: one bin around the value
-        low, high = low - 0.5, high + 0.5
     grid = np.linspace(low, high, bins + 1)
-    cdf = np.concatenate([[0.0], np.cumsum(snap.counts)])
+    cdf = _cdf(snap)
     # Equal edges (zero-width buckets) hold no count, so np.interp's tie choice is harmless.
     counts = np.diff(np.interp(grid, snap.edges, cdf))
-    total = counts.sum()
+    total = cdf[-1]
     density = counts / (total * np.diff(grid)) if total > 0 else np.zeros(bins)
     return grid, density
+
+
+def _quantile(snap: Snapshot, q: float) -> float:
+    cdf = _cdf(snap)
+    return float(np.interp(q * cdf[-1], cdf, snap.edges))
+
+
+def _cdf(snap: Snapshot) -> np.ndarray:
+    """Counts at or below each edge."""
+    return np.concatenate([[0.0], np.cumsum(snap.counts)])
 
 
 def _mark_divergence(ax: Axes, run: Run) -> None:
