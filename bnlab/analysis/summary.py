@@ -90,10 +90,10 @@ class Comparison:
     unfinished: list[Run]
 
 
-def run_numbers(run: Run, events: Events | None) -> dict[str, float | None]:
+def run_numbers(run: Run, events: Events) -> dict[str, float | None]:
     """The numbers one run contributes to its row; None where not logged."""
     final, train = _number(run.metric("final_test_acc")), _number(run.metric("final_train_acc"))
-    grad = events.scalars.get("grad/global_norm") if events else None
+    grad = events.scalars.get("grad/global_norm")
     finite_grad = grad.values[np.isfinite(grad.values)] if grad else np.array([])
     return {
         "final_test_acc": final,
@@ -185,10 +185,8 @@ def _group_stability(rows: list[SettingRow]) -> Stability:
     )
 
 
-def _layer_mean(events: Events | None, prefix: str) -> float | None:
+def _layer_mean(events: Events, prefix: str) -> float | None:
     """Mean over layers of each layer's mean over steps (finite values only)."""
-    if events is None:
-        return None
     means = []
     for tag in events.tags(prefix):
         values = events.scalars[tag].values
