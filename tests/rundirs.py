@@ -45,10 +45,13 @@ def write_run(
     diverged_step: int | None = None,
     steps: int = 40,
     probes: bool = True,
+    hist_bins: str | int = "tensorflow",
     extra_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write one complete run dir and return what a comparison should read back from it:
-    `metrics` (the metrics.json document) and the event-derived numbers."""
+    `metrics` (the metrics.json document) and the event-derived numbers. `hist_bins` as in
+    SummaryWriter.add_histogram: the default, the tracker's, writes ~600 buckets per
+    histogram; a small number keeps big sweeps quick to write and read."""
     config = {**BASE_CONFIG, "norm": norm, "lr": lr, "dropout": dropout, "seed": seed}
     overrides = {"norm": norm, "optim.lr": lr, "model.dropout": dropout, "seed": seed,
                  **(extra_overrides or {})}
@@ -66,7 +69,7 @@ def write_run(
     (run_dir / "train.log").write_text("synthetic run\n")
     (run_dir / "checkpoint.pt").write_bytes(b"")
     scalars, histograms = synthetic_events(seed, steps, probes, diverged_step)
-    write_events(run_dir, scalars, histograms)
+    write_events(run_dir, scalars, histograms, hist_bins=hist_bins)
     return {"metrics": metrics, **expected_numbers(scalars)}
 
 
@@ -136,6 +139,7 @@ def write_events(
     histograms: dict[str, list[tuple[int, np.ndarray]]] | None = None,
     stamp: int = 1_700_000_000,
     purge_step: int | None = None,
+    hist_bins: str | int = "tensorflow",
 ) -> Path:
     """One event file named as a writer started at unix time `stamp` would name it;
     `purge_step` as a writer resuming at that step sets it."""
@@ -146,7 +150,7 @@ def write_events(
             writer.add_scalar(tag, value, step)
     for tag, samples in (histograms or {}).items():
         for step, values in samples:
-            writer.add_histogram(tag, torch.as_tensor(values), step)
+            writer.add_histogram(tag, torch.as_tensor(values), step, bins=hist_bins)
     writer.close()
     (written,) = staging.iterdir()
     target = run_dir / f"events.out.tfevents.{stamp}.testhost.1.0"

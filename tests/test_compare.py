@@ -35,7 +35,8 @@ def sweep_runs() -> list[dict]:
             for seed in SEEDS:
                 final = acc + 0.01 * seed
                 run = {"norm": norm, "lr": lr, "seed": seed, "final_test_acc": final,
-                       "best_test_acc": final + 0.02, "final_train_acc": final + 0.05 * seed}
+                       "best_test_acc": final + 0.02, "final_train_acc": final + 0.05 * seed,
+                       "hist_bins": 10}
                 if norm == "none" and lr == 1.0 and seed < 2:
                     run |= {"status": "diverged", "diverged_step": 10 + seed,
                             "final_test_acc": None, "best_test_acc": None}
