@@ -116,3 +116,26 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, twin):
     r = bnlab("train", f"resume={run_dir}", cwd=tmp_path)
     assert r.returncode == 2 and "cannot resume" in r.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_rerun_sweep_with_resume_skips_finished_and_resumes_unfinished(tmp_path, cifar_root):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *tiny(cifar_root, "epochs=3", "seed=0,1", f"hydra.sweep.dir={sweep}")]
+    proc = subprocess.Popen([sys.executable, "-m", "bnlab.cli", "train", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = None
+    deadline = time.monotonic() + 120
+    while second is None:  # the second job has checkpointed its first epoch: kill the sweep
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        second = next((d for d in sweep.glob("*seed=1*") if (d / "checkpoint.pt").exists()), None)
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    first = next(sweep.glob("*seed=0*"))
+    assert metrics(first)["status"] == "completed" and metrics(second)["status"] == "running"
+    finished = (first / "metrics.json").read_bytes()
+    r = bnlab("train", *args, "resume=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "already finished" in r.stdout and "resuming" in r.stdout
+    assert (first / "metrics.json").read_bytes() == finished
+    assert metrics(second)["status"] == "completed" and metrics(second)["epochs_completed"] == 3
