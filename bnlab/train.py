@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.utils import deterministic
 
 from bnlab import data as datasets
 from bnlab.config import pick_device, validate
@@ -125,6 +126,10 @@ def setup_torch(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    # Deterministic mode also fills every new tensor with NaN (a guard against reads of
+    # uninitialized memory): ~25M extra element writes, ~10% of a CPU step of model=cnn, and
+    # no op here reads such memory (weights are bit-identical with and without the fill).
+    deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not cfg.deterministic
     torch.manual_seed(cfg.seed)
 
