@@ -1,0 +1,65 @@
+"""Probes inside a real `bnlab train` run: tags and steps in the event files, and the
+read-only contract (a fully probed run ends bit-identical to an unprobed one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.cli import bnlab, metrics, scalars, tiny
+
+# 10 steps per epoch × 2 epochs; probes every 5 steps so each kind fires several times.
+PROBES = ("probe=full", "probe.act_every=5", "probe.hist_every=10", "probe.ics_every=5",
+          "probe.landscape_every=5", "probe.batch_size=20")
+
+
+def run(tmp_path, root, name: str, *extra: str):
+    run_dir = tmp_path / name
+    r = bnlab("train", *tiny(root, "model.dropout=0.3", f"hydra.run.dir={run_dir}", *extra),
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("norm", ["custom", "torch", "none", "noisy"])
+def test_probes_are_read_only_in_a_real_run(tmp_path, cifar_root, norm):
+    off = run(tmp_path, cifar_root, "off", f"norm={norm}", "probe=off")
+    on = run(tmp_path, cifar_root, "on", f"norm={norm}", *PROBES)
+    a = torch.load(off / "checkpoint.pt", weights_only=True)
+    b = torch.load(on / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key  # weights and BN buffers
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert scalars(off)["train/loss"] == scalars(on)["train/loss"]
+    assert metrics(off)["history"] == metrics(on)["history"]
+
+
+def test_probe_tags_and_steps_read_back_from_the_event_files(tmp_path, cifar_root):
+    run_dir = run(tmp_path, cifar_root, "on", "norm=custom", *PROBES)
+    tags = scalars(run_dir)
+    layers = ["features.0", "features.1", "features.4", "features.5", "classifier.0",
+              "classifier.1"]  # cnn with 2 stages: conv/norm pairs, then the hidden linear
+    for layer in layers:
+        for measure in ("p15", "p50", "p85", "mean", "std"):
+            assert [s for s, _ in tags[f"act/{measure}/{layer}"]] == [0, 5, 10, 15, 20]
+        for measure in ("mean_shift", "std_ratio", "mean_shift_init", "std_ratio_init", "w1"):
+            assert [s for s, _ in tags[f"drift/{measure}/{layer}"]] == [5, 10, 15, 20]
+    for layer in ("features.0", "features.4", "classifier.0"):  # weights of the watched slots
+        assert [s for s, _ in tags[f"ics/l2/{layer}"]] == [5, 10, 15, 20]
+        cos = [v for _, v in tags[f"ics/cos/{layer}"]]
+        assert all(-1 - 1e-5 <= v <= 1 + 1e-5 for v in cos), cos  # float32 rounding near ±1
+    for measure in ("loss_range", "grad_pred", "beta"):
+        assert [s for s, _ in tags[f"landscape/{measure}"]] == [5, 10, 15, 20]
+    assert [s for s, _ in tags["grad/global_norm"]] == list(range(1, 21))
+    assert "grad/norm/features.0.weight" in tags and "grad/nonfinite" in tags
+    assert "opt/update_ratio/features.0.weight" in tags
+    p15, p85 = dict(tags["act/p15/features.1"]), dict(tags["act/p85/features.1"])
+    assert all(p15[s] <= p85[s] for s in p15)
+    acc = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "act/hist/features.1" in acc.Tags()["histograms"]
+    assert [e.step for e in acc.Histograms("act/hist/features.1")] == [0, 10, 20]
