@@ -258,24 +258,28 @@ def _generator(device: torch.device, *key: int) -> torch.Generator:
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) → float32, per-channel standardized."""
     scale = (1 / (255 * std)).view(1, 3, 1, 1)
-    return (images.float() - (255 * mean).view(1, 3, 1, 1)) * scale
+    return images.to(torch.float32, copy=True).sub_((255 * mean).view(1, 3, 1, 1)).mul_(scale)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, crop: bool, flip: bool) -> torch.Tensor:
     """Per-image random 32×32 crop of the 4-pixel zero-padded image and random horizontal flip,
-    done for the whole batch at once with two gathers (no per-image Python loop)."""
+    done for the whole batch at once with two gathers (no per-image Python loop); a flip just
+    reverses the image's column index in the second gather."""
     n, c, h, w = images.shape
+    device = images.device
+    if not (crop or flip):
+        return images
+    cols = torch.arange(w, device=device).expand(n, w)
     if crop:
-        padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-        dy, dx = torch.randint(0, 9, (2, n), device=images.device, generator=gen)
-        rows = (dy[:, None] + torch.arange(h, device=images.device)).view(n, 1, h, 1)
-        cols = (dx[:, None] + torch.arange(w, device=images.device)).view(n, 1, 1, w)
-        padded = padded.gather(2, rows.expand(n, c, h, w + 8))
-        images = padded.gather(3, cols.expand(n, c, h, w))
+        images = torch.nn.functional.pad(images, (4, 4, 4, 4))
+        dy, dx = torch.randint(0, 9, (2, n), device=device, generator=gen)
+        rows = (dy[:, None] + torch.arange(h, device=device)).view(n, 1, h, 1)
+        images = images.gather(2, rows.expand(n, c, h, w + 8))
+        cols = dx[:, None] + cols
     if flip:
-        mask = torch.rand(n, device=images.device, generator=gen) < 0.5
-        images = torch.where(mask.view(n, 1, 1, 1), images.flip(3), images)
-    return images
+        mask = torch.rand(n, device=device, generator=gen) < 0.5
+        cols = torch.where(mask[:, None], cols.flip(1), cols)
+    return images.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
 def steps_per_epoch(data: Dataset, batch_size: int) -> int:
