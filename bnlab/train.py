@@ -156,7 +156,7 @@ def stop_on_signals() -> Iterator[list[int]]:
         received.append(signum)
         log.warning("%s received: stopping after this step", signal.Signals(signum).name)
 
-    if sys.platform == "win32" or not _main_thread():
+    if threading.current_thread() is not threading.main_thread():  # signals go to main only
         yield received
         return
     old = {s: signal.signal(s, handler) for s in EXIT_CODES}
@@ -165,10 +165,6 @@ def stop_on_signals() -> Iterator[list[int]]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
