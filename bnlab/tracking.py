@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -52,14 +54,20 @@ class Tracker:
                 self.writer.add_histogram(tag, finite, step)
 
     def flush(self) -> None:
-        """Write buffered scalars, with a single device-to-host transfer for all tensors."""
+        """Write buffered scalars, with a single device-to-host transfer for all tensors and one
+        event per step (``add_scalar`` would write one event, with its Python overhead, per
+        value: with per-parameter gradient norms that is dozens of events a step)."""
         if not self._pending:
             return
         tensors = [v for _, _, v in self._pending if isinstance(v, torch.Tensor)]
         host = iter(torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
                     if tensors else [])
+        by_step: dict[int, list[Summary.Value]] = defaultdict(list)
         for step, tag, v in self._pending:
-            self.writer.add_scalar(tag, next(host) if isinstance(v, torch.Tensor) else v, step)
+            value = next(host) if isinstance(v, torch.Tensor) else float(v)
+            by_step[step].append(Summary.Value(tag=tag, simple_value=value))
+        for step, values in by_step.items():
+            self.writer.file_writer.add_summary(Summary(value=values), step)
         self._pending.clear()
         self.writer.flush()
 

@@ -31,16 +31,14 @@ def test_sweep_through_launcher_plugin_completes(tmp_path, cifar_root, launcher)
 
 
 def test_parallel_launcher_splits_cores_between_jobs(tmp_path, cifar_root):
-    r = bnlab("train", "-m", "--cfg", "hydra", "hydra/launcher=parallel", "seed=0,1",
-              cwd=tmp_path)
+    r = bnlab("train", "--cfg", "hydra", "hydra/launcher=parallel", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "JoblibLauncher" in r.stdout and "n_jobs: 2" in r.stdout
 
 
 def test_slurm_preset_composes_with_cluster_options(tmp_path):
-    r = bnlab("train", "-m", "--cfg", "hydra", "hydra/launcher=slurm",
-              "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30", "seed=0,1",
-              cwd=tmp_path)
+    r = bnlab("train", "--cfg", "hydra", "hydra/launcher=slurm",
+              "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     launcher = yaml.safe_load(r.stdout)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher")
