@@ -15,24 +15,24 @@ from bnlab.errors import UsageError
 from bnlab.models import INITS, MODELS, NORMS
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: object) -> bool:
+def is_num(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # key -> (test, what is allowed)
 Check = tuple[Callable[[object], bool], str]
 CHECKS: dict[str, Check] = {
-    "seed": (_is_int, "an integer"),
-    "epochs": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
-    "batch_size": (lambda v: _is_int(v) and v > 1, "an integer > 1 (BN needs 2+ samples)"),
-    "eval_batch_size": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
-    "log_every": (lambda v: _is_int(v) and v > 0, "an integer > 0"),
-    "threads": (lambda v: v is None or (_is_int(v) and v > 0), "null or an integer > 0"),
-    "diverge_factor": (lambda v: _is_num(v) and v > 1, "a number > 1"),
+    "seed": (is_int, "an integer"),
+    "epochs": (lambda v: is_int(v) and v > 0, "an integer > 0"),
+    "batch_size": (lambda v: is_int(v) and v > 1, "an integer > 1 (BN needs 2+ samples)"),
+    "eval_batch_size": (lambda v: is_int(v) and v > 0, "an integer > 0"),
+    "log_every": (lambda v: is_int(v) and v > 0, "an integer > 0"),
+    "threads": (lambda v: v is None or (is_int(v) and v > 0), "null or an integer > 0"),
+    "diverge_factor": (lambda v: is_num(v) and v > 1, "a number > 1"),
     "progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
     "channels_last": (lambda v: isinstance(v, bool), "true or false"),
@@ -41,21 +41,21 @@ CHECKS: dict[str, Check] = {
     "overwrite": (lambda v: isinstance(v, bool), "true or false"),
     "resume": (lambda v: isinstance(v, bool), "true or false"),
     "norm.name": (lambda v: v in NORMS, ", ".join(NORMS)),
-    "norm.eps": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "norm.momentum": (lambda v: v is None or (_is_num(v) and 0 <= v <= 1),
+    "norm.eps": (lambda v: is_num(v) and v > 0, "a number > 0"),
+    "norm.momentum": (lambda v: v is None or (is_num(v) and 0 <= v <= 1),
                       "null or a number in [0, 1]"),
     "model.name": (lambda v: v in MODELS, ", ".join(MODELS)),
     "model.init": (lambda v: v in INITS, ", ".join(INITS)),
-    "model.dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "model.conv_dropout": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.dropout": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.conv_dropout": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "optim.name": (lambda v: v in ("sgd", "adam"), "sgd, adam"),
-    "optim.lr": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "optim.momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "optim.weight_decay": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "optim.lr": (lambda v: is_num(v) and v > 0, "a number > 0"),
+    "optim.momentum": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.weight_decay": (lambda v: is_num(v) and v >= 0, "a number >= 0"),
     "sched.name": (lambda v: v in ("constant", "step", "cosine"), "constant, step, cosine"),
-    "sched.warmup_epochs": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "data.train_size": (lambda v: v is None or (_is_int(v) and v > 0), "null or an integer > 0"),
-    "data.test_size": (lambda v: v is None or (_is_int(v) and v > 0), "null or an integer > 0"),
+    "sched.warmup_epochs": (lambda v: is_num(v) and v >= 0, "a number >= 0"),
+    "data.train_size": (lambda v: v is None or (is_int(v) and v > 0), "null or an integer > 0"),
+    "data.test_size": (lambda v: v is None or (is_int(v) and v > 0), "null or an integer > 0"),
 }
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -72,6 +72,9 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.device, str) or not DEVICE.fullmatch(cfg.device):
         raise UsageError(f"device={cfg.device!r} is invalid: "
                          "must be auto, cpu, cuda, cuda:N or mps")
+    from bnlab.probes.config import validate_probe_cfg  # here: probes.config uses is_int
+
+    validate_probe_cfg(cfg.probe)
 
 
 def pick_device(name: str) -> torch.device:

@@ -111,6 +111,7 @@ BAD_INPUTS = [
     (["data.root=/no/such/dir"], r"CIFAR-10 not found: looked for /no/such/dir"),
     (["optim.lr=["], r"no viable alternative at input"),
     (["resume=/no/such/run"], r"resume=/no/such/run: not a run dir"),
+    (["probe.act_every=-5"], r"probe.act_every=-5 is invalid: must be an integer >= 0"),
 ]
 
 

@@ -6,18 +6,11 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, ListConfig
 
+from bnlab.config import is_int, is_num
 from bnlab.errors import UsageError
 from bnlab.models import Slot
 
 INTERVALS = ("act_every", "hist_every", "grad_every", "ics_every", "landscape_every")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _invalid(key: str, value: object, allowed: str) -> UsageError:
@@ -26,14 +19,14 @@ def _invalid(key: str, value: object, allowed: str) -> UsageError:
 
 def _check_int(cfg: DictConfig, key: str, minimum: int) -> None:
     value = cfg.get(key)
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise _invalid(key, value, f"an integer >= {minimum}")
 
 
 def _check_range(cfg: DictConfig) -> None:
     value = cfg.get("landscape_range")
     ok = (isinstance(value, (list, tuple, ListConfig)) and len(value) == 2
-          and all(_is_num(v) for v in value) and 0 < value[0] < value[1])
+          and all(is_num(v) for v in value) and 0 < value[0] < value[1])
     if not ok:
         shown = list(value) if isinstance(value, ListConfig) else value
         raise _invalid("landscape_range", shown, "[low, high] with 0 < low < high "
