@@ -230,6 +230,8 @@ class Trainer:
         self.total_steps = cfg.epochs * self.per_epoch
         self.model = build(cfg, self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # Batches in the model's memory format, so a channels_last conv does not convert them.
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.optimizer = make_optimizer(cfg.optim, self.model)
         self.probes = self._make_probes()
         self.state = RunState()
@@ -276,6 +278,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, tracker: Tracker) -> None:
         step = self.state.step + 1
         lr = self.set_lr()
+        x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.amp):
             out = self.forward(x)
             loss = F.cross_entropy(out.float(), y)
@@ -327,7 +330,7 @@ class Trainer:
         split = self.data.test
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.amp):
             for x, y in datasets.eval_batches(self.data, split, self.cfg.eval_batch_size):
-                out = self.forward(x).float()
+                out = self.forward(x.contiguous(memory_format=self.memory_format)).float()
                 loss += F.cross_entropy(out, y, reduction="sum")
                 correct += (out.argmax(1) == y).sum()
         self.model.train()
