@@ -16,9 +16,13 @@ source "$(dirname "$0")/repro_common.sh"
 # Subset: a small training set (1k images, 8 epochs) so the networks overfit within the CPU
 # budget -- a gap is what dropout can close; 1k test images for the gap's test side.
 # FULL: VGG16, whose two hidden linear layers are where the original VGG used dropout.
+# lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
+# bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
+# share one learning rate and differ only in the norm.
 sweep grid experiment=dropout \
     "model=$(pick cnn vgg16)" \
     norm=custom,torch,none \
+    optim.lr=0.01 \
     model.dropout=0.0,0.2,0.5 \
     "seed=$(seeds 0,1 0,1,2)" \
     "epochs=$(pick 8 60)" \

@@ -18,9 +18,13 @@ if [[ $MODEL == cnn ]]; then DEEP=classifier.0; else DEEP=classifier.3; fi
 # ICS costs one extra forward/backward per watched layer at each measurement, so it is taken
 # every few steps and the activation probes are off. ICS tags use the layer feeding each slot
 # (features.0, ..., classifier.0).
+# lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
+# bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
+# share one learning rate and differ only in the norm.
 sweep grid \
     "model=$MODEL" \
     norm=custom,torch,none \
+    optim.lr=0.01 \
     "seed=$(seeds 0 0,1)" \
     "epochs=$(pick 3 10)" \
     "data.train_size=$(pick 2000 null)" \

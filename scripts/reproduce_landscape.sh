@@ -16,9 +16,13 @@ source "$(dirname "$0")/repro_common.sh"
 # Each measurement costs probe.landscape_points (8) extra forward/backward passes, so it is
 # taken every few steps with the activation probes off. Step sizes: the probe default,
 # 0.5-4 x the current learning rate.
+# lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
+# bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
+# share one learning rate and differ only in the norm.
 sweep grid \
     "model=$(pick cnn vgg16)" \
     norm=custom,torch,none \
+    optim.lr=0.01 \
     "seed=$(seeds 0 0,1)" \
     "epochs=$(pick 3 10)" \
     "data.train_size=$(pick 2000 null)" \

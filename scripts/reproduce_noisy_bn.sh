@@ -20,9 +20,13 @@ if [[ $MODEL == cnn ]]; then DEEP=classifier.1; else DEEP=classifier.4; fi
 # The preset (configs/experiment/noisy_bn.yaml) is custom, noisy, none x seeds 0,1 with the
 # default probes; torch BN is added as the check on custom BN. Activations every 10 steps, so
 # the drift column (W1 between consecutive probes) has enough points on the short subset run.
+# lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
+# bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
+# share one learning rate and differ only in the norm.
 sweep grid experiment=noisy_bn \
     "model=$MODEL" \
     norm=custom,torch,noisy,none \
+    optim.lr=0.01 \
     "seed=$(seeds 0,1 0,1,2)" \
     "epochs=$(pick 4 30)" \
     "data.train_size=$(pick 3000 null)" \
