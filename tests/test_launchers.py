@@ -8,7 +8,7 @@ import yaml
 
 from tests.cli import bnlab, metrics, tiny
 
-GRID = ("norm=torch,none", "seed=0,1")
+GRID = ("norm=torch,none",)
 
 
 @pytest.mark.parametrize("launcher", ["parallel", "local"])
@@ -19,15 +19,13 @@ def test_sweep_through_launcher_plugin_completes(tmp_path, cifar_root, launcher)
               cwd=tmp_path, timeout=240)
     assert r.returncode == 0, r.stderr
     runs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").exists())
-    assert len(runs) == 4
+    assert len(runs) == 2
     for run_dir in runs:
         m = metrics(run_dir)
         assert m["status"] == "completed" and m["epochs_completed"] == 1
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
         assert f"norm={m['config']['norm']}" in overrides
-        assert f"seed={m['config']['seed']}" in overrides
-    seeds = {(metrics(r)["config"]["norm"], metrics(r)["config"]["seed"]) for r in runs}
-    assert seeds == {(n, s) for n in ("torch", "none") for s in (0, 1)}
+    assert {metrics(r)["config"]["norm"] for r in runs} == {"torch", "none"}
 
 
 def test_parallel_launcher_splits_cores_between_jobs(tmp_path, cifar_root):

@@ -24,8 +24,8 @@ def run(tmp_path, root, name: str, *extra: str):
 
 @pytest.mark.parametrize("norm", ["custom", "torch", "none", "noisy"])
 def test_probes_are_read_only_in_a_real_run(tmp_path, cifar_root, norm):
-    off = run(tmp_path, cifar_root, "off", f"norm={norm}", "probe=off")
-    on = run(tmp_path, cifar_root, "on", f"norm={norm}", *PROBES)
+    off = run(tmp_path, cifar_root, "off", f"norm={norm}", "epochs=1", "probe=off")
+    on = run(tmp_path, cifar_root, "on", f"norm={norm}", "epochs=1", *PROBES)
     a = torch.load(off / "checkpoint.pt", weights_only=True)
     b = torch.load(on / "checkpoint.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
