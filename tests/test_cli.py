@@ -29,7 +29,7 @@ def test_single_run_writes_a_self_contained_run_dir(tmp_path, cifar_root, norm):
     assert m["status"] == "completed" and m["diverged"] is False and m["diverged_step"] is None
     assert m["epochs_completed"] == 2 and m["steps"] == 2 * (100 // 10)
     assert 0 <= m["final_test_acc"] <= 1 and m["best_test_acc"] >= m["final_test_acc"]
-    assert m["config"] == {"norm": norm, "model": "cnn", "lr": 0.05, "dropout": 0.0,
+    assert m["config"] == {"norm": norm, "model": "cnn", "lr": 0.01, "dropout": 0.0,
                            "batch_size": 10, "seed": 0, "epochs": 2, "optimizer": "sgd",
                            "momentum": 0.9, "weight_decay": 0.0005, "sched": "cosine",
                            "data": "cifar10"}
