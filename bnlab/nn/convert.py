@@ -1,0 +1,117 @@
+"""Swap every batch-norm layer of a model between torch's implementation and ours."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+
+__all__ = ["convert_batchnorm"]
+
+_ALLOWED = ("custom", "torch")
+
+# Exact classes only. Subclasses (ours: the noisy layers; user subclasses of torch's layers)
+# may change forward() in ways the other implementation cannot reproduce, so they are left
+# alone rather than silently losing behaviour. torch's SyncBatchNorm is left alone too: it
+# synchronizes statistics across processes, which the custom layer does not do, and it
+# accepts any input rank, so there is no single custom class it maps to. Lazy layers that are
+# not yet initialized have no parameters to carry over and are also left alone.
+_TO_CUSTOM: dict[type[nn.Module], type[_BatchNorm]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+_TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_CUSTOM.items()}
+
+
+def _swap(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
+    """Build a ``new_cls`` layer that *shares* ``old``'s parameters and buffers.
+
+    The very same Parameter and buffer objects are moved over (as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does), so device, dtype, ``requires_grad``,
+    values and optimizer references are kept. The new layer is built on the meta device so
+    no memory is allocated for tensors that are immediately replaced.
+    """
+    kwargs = {}
+    if old.affine and old.bias is None:  # type: ignore[union-attr]
+        kwargs["bias"] = False  # only passed when needed: older torch lacks the keyword
+    new = new_cls(
+        old.num_features,  # type: ignore[arg-type]
+        old.eps,
+        old.momentum,
+        old.affine,
+        old.track_running_stats,
+        device="meta",
+        **kwargs,
+    )
+    # Copy the registries wholesale: this also carries over attributes changed after
+    # construction (e.g. track_running_stats toggled with buffers still present).
+    new._parameters.clear()
+    new._parameters.update(old._parameters)
+    new._buffers.clear()
+    new._buffers.update(old._buffers)
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        setattr(new, attr, getattr(old, attr))
+    new.train(old.training)
+    if hasattr(old, "qconfig"):
+        new.qconfig = old.qconfig
+    return new
+
+
+def _convert(
+    module: nn.Module,
+    mapping: dict[type[nn.Module], type[nn.Module]],
+    memo: dict[int, nn.Module],
+) -> nn.Module:
+    # The memo keeps a layer that appears several times in the model (weight sharing) as one
+    # shared layer after conversion.
+    if id(module) in memo:
+        return memo[id(module)]
+    new_cls = mapping.get(type(module))
+    out = _swap(module, new_cls) if new_cls is not None else module
+    memo[id(module)] = out
+    # _modules rather than named_children(): the latter skips repeated (shared) children.
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            out.add_module(name, _convert(child, mapping, memo))
+    return out
+
+
+def convert_batchnorm(module: nn.Module, to: Literal["custom", "torch"] = "custom") -> nn.Module:
+    """Replace every batch-norm layer in ``module`` by the other implementation.
+
+    ``to="custom"`` turns :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` into
+    :class:`bnlab.nn.BatchNorm1d`/``2d``/``3d``; ``to="torch"`` does the reverse. Parameters
+    and buffers are shared with the converted layer (same tensors: device, dtype, values,
+    ``requires_grad`` and optimizer references are kept), as is the training mode.
+
+    Only those exact classes are converted. Left unchanged: subclasses (including
+    :class:`bnlab.nn.NoisyBatchNorm1d`/``2d``, which have no torch counterpart),
+    :class:`torch.nn.SyncBatchNorm` (cross-process statistics) and uninitialized lazy
+    batch-norm layers. Hooks registered on a converted layer are not carried over.
+
+    Like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`, children are replaced in place
+    and the (possibly new) root is returned, so always use the return value::
+
+        model = convert_batchnorm(model, to="custom")
+
+    Args:
+        module: the model (or a single layer) to convert.
+        to: ``"custom"`` or ``"torch"``.
+
+    Raises:
+        ValueError: if ``to`` is not one of the allowed values.
+        TypeError: if ``module`` is not an :class:`torch.nn.Module`.
+    """
+    if not isinstance(to, str) or to not in _ALLOWED:
+        raise ValueError(
+            f"convert_batchnorm: invalid to={to!r}; allowed values are "
+            + ", ".join(repr(a) for a in _ALLOWED)
+        )
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(module).__name__}")
+    mapping = _TO_CUSTOM if to == "custom" else _TO_TORCH
+    return _convert(module, mapping, {})

@@ -1,0 +1,166 @@
+"""Benchmark bnlab.nn.BatchNorm2d against torch.nn.BatchNorm2d on CPU (forward + backward).
+
+What is timed, per variant and shape: one training-mode step ``y = layer(x)`` followed by
+``torch.autograd.grad(y, [x, weight, bias], g)`` (running statistics are updated too), float32,
+contiguous NCHW, ``torch.set_num_threads(2)``.
+
+Variants:
+
+* ``torch``:  ``nn.BatchNorm2d`` in eager mode (native CPU kernel);
+* ``custom``: ``bnlab.nn.BatchNorm2d`` in eager mode (hand-written forward/backward);
+* ``naive``:  a textbook Python BN differentiated by autograd (reference only);
+* ``torch+compile`` / ``custom+compile``: ``torch.compile(layer)`` of each layer (default
+  Inductor backend, static shapes); the compiled forward and the AOT-compiled backward are
+  both inside the timed step.
+
+Repetitions are interleaved (one step of every variant per round) so that drifts of the machine
+hit all variants alike; after warm-up the median over rounds is reported, and a second table
+gives the minimum over rounds (the least-disturbed run, useful on a shared, busy machine).
+Ratios are custom/torch time (lower is better; < 1 means the custom layer is faster).
+
+Usage::
+
+    python3 scripts/bench_batchnorm.py            # full run (several minutes: compile)
+    python3 scripts/bench_batchnorm.py --quick    # fewer rounds
+    python3 scripts/bench_batchnorm.py --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnlab.nn import BatchNorm2d
+
+SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
+
+
+class NaiveBatchNorm2d(nn.Module):
+    """Textbook batch norm, backward by autograd through the forward (reference only)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
+        if self.training:
+            n = x.numel() // x.shape[1]
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(m * mean.flatten())
+                self.running_var.mul_(1 - m).add_(m * var.flatten() * n / (n - 1))
+        x_hat = (x - mean) / torch.sqrt(var + self.eps)
+        return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def make_step(layer: nn.Module, run: Callable[[Tensor], Tensor], x: Tensor, g: Tensor):
+    params = [x, layer.weight, layer.bias]
+
+    def step() -> None:
+        y = run(x)
+        torch.autograd.grad(y, params, g)
+
+    return step
+
+
+def bench_shape(
+    shape: tuple[int, ...], rounds: int, warmup: int, compile_: bool
+) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape).mul_(2).add_(0.5).requires_grad_()
+    g = torch.randn(shape)
+    layers: dict[str, nn.Module] = {
+        "torch": nn.BatchNorm2d(c),
+        "custom": BatchNorm2d(c),
+        "naive": NaiveBatchNorm2d(c),
+    }
+    steps = {name: make_step(m, m, x, g) for name, m in layers.items()}
+    if compile_:
+        for name in ("torch", "custom"):
+            m = type(layers[name])(c)
+            compiled = torch.compile(m)
+            steps[f"{name}+compile"] = make_step(m, compiled, x, g)
+    for step in steps.values():  # warm-up (includes compilation)
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: [t * 1e3 for t in ts] for name, ts in times.items()}
+
+
+def print_table(title: str, rows: list[tuple[tuple[int, ...], dict[str, float]]], compile_: bool):
+    print(f"\n{title}\n")
+    header = (
+        f"| {'shape (N,C,H,W)':<18} | torch ms | custom ms | custom/torch | naive ms | naive/torch"
+    )
+    if compile_:
+        header += " | torch+compile ms | custom+compile ms | custom/torch (compiled)"
+    print(header + " |")
+    print("|" + "|".join("---" for _ in header.split("|")[1:]) + "|")
+    for shape, r in rows:
+        row = (
+            f"| {shape!s:<18} | {r['torch']:8.2f} | {r['custom']:9.2f} | "
+            f"{r['custom'] / r['torch']:11.2f}x | {r['naive']:8.2f} | "
+            f"{r['naive'] / r['torch']:10.2f}x"
+        )
+        if compile_:
+            row += (
+                f" | {r['torch+compile']:16.2f} | {r['custom+compile']:17.2f} | "
+                f"{r['custom+compile'] / r['torch+compile']:22.2f}x"
+            )
+        print(row + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant")
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    rounds = args.rounds or (7 if args.quick else 31)
+    warmup = 2 if args.quick else 5
+    compile_ = not args.no_compile
+
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, threads={torch.get_num_threads()}, "
+        f"float32 NCHW, training-mode forward+backward, {rounds} interleaved rounds "
+        f"after {warmup} warm-up steps"
+    )
+    # Other processes on the machine distort timings; record how busy it was.
+    print("load average (1/5/15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    medians, minima = [], []
+    for shape in SHAPES:
+        times = bench_shape(shape, rounds, warmup, compile_)
+        medians.append((shape, {k: statistics.median(v) for k, v in times.items()}))
+        minima.append((shape, {k: min(v) for k, v in times.items()}))
+        print(f"done {shape}", flush=True)
+    print_table("Median over rounds:", medians, compile_)
+    print_table("Minimum over rounds:", minima, compile_)
+    print("\nload average (1/5/15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
