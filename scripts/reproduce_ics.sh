@@ -20,11 +20,14 @@ if [[ $MODEL == cnn ]]; then DEEP=classifier.0; else DEEP=classifier.3; fi
 # (features.0, ..., classifier.0).
 # lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
 # bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
-# share one learning rate and differ only in the norm.
+# share one learning rate and differ only in the norm. A constant lr: under the default
+# cosine schedule the lr -> 0 at the end, where every update (hence ICS) vanishes and the
+# landscape probe's step sizes (multiples of the current lr) become too small to measure.
 sweep grid \
     "model=$MODEL" \
     norm=custom,torch,none \
     optim.lr=0.01 \
+    sched=constant \
     "seed=$(seeds 0 0,1)" \
     "epochs=$(pick 3 10)" \
     "data.train_size=$(pick 2000 null)" \
