@@ -1,0 +1,85 @@
+"""Step time of ``bnlab train`` with ``probe=default`` vs ``probe=off``.
+
+Both sides are ``bnlab.train.run(cfg)`` in this process, with the config ``bnlab train``
+composes (``model=cnn norm=custom epochs=1 progress=false`` on the CIFAR-10 subset, everything
+else default), differing only in ``probe``. What is timed is the span of bnlab's own
+``images_per_s``: the training steps of the epoch, with every probe call and the TensorBoard
+writing they cause (``probe=default``: gradient norms and update ratios every step, activation
+statistics of the fixed probe batch every 50 steps, histograms every 500); not the step-0
+baseline measurement, evaluation or checkpoint. The CPU-clock figure times the same span
+(``Trainer.fit`` minus ``Trainer.end_epoch``) in CPU seconds of this process.
+
+Rounds alternate the order of the sides; the ratio is the median over rounds of the
+per-step time with probes / without, for the same round (target: at most 1.10).
+
+Usage::
+
+    python scripts/bench_probes.py              # full epoch of the 10k subset, 3 rounds
+    python scripts/bench_probes.py --quick      # 2560 images, 2 rounds
+    python scripts/bench_probes.py --full       # also probe=full (ICS and landscape on)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import BATCH, DEFAULT_ROOT, Sample, bnlab_epoch, bnlab_overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2560 images, 2 rounds")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--norm", default="custom")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's default)")
+    parser.add_argument("--full", action="store_true", help="also time probe=full")
+    args = parser.parse_args()
+    n = args.train_size or (20 * BATCH if args.quick else None)
+    rounds = args.rounds or (2 if args.quick else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    probes = ["off", "default", *(["full"] if args.full else [])]
+    base = bnlab_overrides(args.data_root, args.norm, args.threads, n)
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_probes_"))
+    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}; model=cnn norm={args.norm}, "
+          f"{'all' if n is None else n} training images, {rounds} rounds")
+
+    print("warm-up …", flush=True)
+    for probe in probes:
+        bnlab_epoch([*base, f"probe={probe}", f"data.train_size={8 * BATCH}"], run_dir)
+
+    samples: dict[str, list[Sample]] = {p: [] for p in probes}
+    for r in range(rounds):
+        for probe in probes if r % 2 == 0 else probes[::-1]:
+            samples[probe].append(bnlab_epoch([*base, f"probe={probe}"], run_dir))
+        print(f"round {r + 1}: " + "  ".join(
+            f"probe={p} {v[-1].wall_ips:.0f}/{v[-1].cpu_ips:.0f} img/s (wall/CPU)"
+            for p, v in samples.items()), flush=True)
+
+    print("\n| probe | images/s wall (median) | per round | step time / probe=off, wall | "
+          "step time / probe=off, CPU |")
+    print("|---|---|---|---|---|")
+    off = samples["off"]
+    for probe, xs in samples.items():
+        wall = statistics.median([o.wall_ips / x.wall_ips for o, x in zip(off, xs, strict=True)])
+        cpu = statistics.median([o.cpu_ips / x.cpu_ips for o, x in zip(off, xs, strict=True)])
+        print(f"| {probe} | {statistics.median(x.wall_ips for x in xs):.0f} | "
+              f"{', '.join(f'{x.wall_ips:.0f}' for x in xs)} | {wall:.3f}× | {cpu:.3f}× |")
+
+
+if __name__ == "__main__":
+    main()
