@@ -487,7 +487,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise
     finally:
         tracker.close()
-    if status == "interrupted":
+    if stop:  # also when the signal came after the last step: a sweep must stop here too
         raise SystemExit(EXIT_CODES[signal.Signals(stop[0])])
     return metrics
 

@@ -17,7 +17,7 @@ source "$(dirname "$0")/repro_common.sh"
 # budget -- a gap is what dropout can close; 1k test images for the gap's test side.
 # FULL: VGG16, whose two hidden linear layers are where the original VGG used dropout.
 # lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
-# bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
+# lr 0.05 and above; see reproduce_lr_stability.sh), so that all variants
 # share one learning rate and differ only in the norm.
 sweep grid experiment=dropout \
     "model=$(pick cnn vgg16)" \

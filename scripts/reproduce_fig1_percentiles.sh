@@ -28,7 +28,7 @@ DEEP=${LAYERS[1]}
 # Percentiles every few steps, so even the short subset run gives a curve (4k images x 4
 # epochs = 125 steps); histograms every 10th probe for the snapshot rows. One seed: the figure
 # is the result, and the custom and torch panels already show seed-free agreement.
-# lr 0.01 for all three: without BN the cnn diverges at bnlab's default 0.05 (at step 2, like
+# lr 0.01 for all three: without BN the cnn diverges at lr 0.05 (at step 2, like
 # every lr >= 0.1 in reproduce_lr_stability.sh), and a diverged run has no distribution to show.
 sweep runs \
     "model=$MODEL" \

@@ -17,7 +17,7 @@ source "$(dirname "$0")/repro_common.sh"
 # taken every few steps with the activation probes off. Step sizes: the probe default,
 # 0.5-4 x the current learning rate.
 # lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
-# bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
+# lr 0.05 and above; see reproduce_lr_stability.sh), so that all variants
 # share one learning rate and differ only in the norm. A constant lr: under the default
 # cosine schedule the lr -> 0 at the end, where every update (hence ICS) vanishes and the
 # landscape probe's step sizes (multiples of the current lr) become too small to measure.

@@ -21,7 +21,7 @@ if [[ $MODEL == cnn ]]; then DEEP=classifier.1; else DEEP=classifier.4; fi
 # default probes; torch BN is added as the check on custom BN. Activations every 10 steps, so
 # the drift column (W1 between consecutive probes) has enough points on the short subset run.
 # lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
-# bnlab's default 0.05 and above; see reproduce_lr_stability.sh), so that all variants
+# lr 0.05 and above; see reproduce_lr_stability.sh), so that all variants
 # share one learning rate and differ only in the norm.
 sweep grid experiment=noisy_bn \
     "model=$MODEL" \
