@@ -15,8 +15,11 @@ import torch
 
 from tests.cli import bnlab, metrics, scalars, tiny
 
-# 10 steps per epoch, 4 epochs, dropout on (global RNG) and augmentation on (stateless RNG).
-ARGS = ("epochs=4", "batch_size=10", "model.dropout=0.3", "optim.nesterov=true")
+# 100 steps per epoch (long enough that a kill lands mid-epoch on a fast machine), 3 epochs,
+# dropout on (global RNG) and augmentation on (stateless RNG).
+STEPS = 100
+ARGS = ("data=synthetic", "data.train_size=1000", "data.test_size=100", "epochs=3",
+        "batch_size=10", "model.dropout=0.3", "optim.nesterov=true")
 
 
 def start(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -63,10 +66,11 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, cifar_root
     run_dir = tmp_path / "run"
     proc = start(cifar_root, run_dir)
     wait_for_checkpoint(run_dir, proc)
-    time.sleep(0.3)  # into the next epoch
+    time.sleep(0.2)  # into the next epoch
     proc.kill()
     proc.wait()
     assert metrics(run_dir)["status"] == "running"  # what a hard kill leaves behind
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["progress"]["step"] == STEPS
     r = bnlab("train", "resume=" + str(run_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout  # Hydra logs to stdout
@@ -82,7 +86,7 @@ def test_signal_stops_saves_and_resumes_exactly(tmp_path, cifar_root, twin, sign
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     m = metrics(run_dir)
-    assert m["status"] == "interrupted" and 10 <= m["steps"] < 40
+    assert m["status"] == "interrupted" and STEPS <= m["steps"] < 3 * STEPS
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert saved["progress"]["step"] == m["steps"]
     r = bnlab("train", *tiny(cifar_root, *ARGS, f"hydra.run.dir={run_dir}", "resume=true"),
@@ -120,7 +124,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, twin):
 
 def test_rerun_sweep_with_resume_skips_finished_and_resumes_unfinished(tmp_path, cifar_root):
     sweep = tmp_path / "sweep"
-    args = ["-m", *tiny(cifar_root, "epochs=3", "seed=0,1", f"hydra.sweep.dir={sweep}")]
+    args = ["-m", *tiny(cifar_root, *ARGS, "seed=0,1", f"hydra.sweep.dir={sweep}")]
     proc = subprocess.Popen([sys.executable, "-m", "bnlab.cli", "train", *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = None
