@@ -8,6 +8,7 @@ every ``log_every`` steps one host sync (loss log, divergence check, progress) â
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -132,6 +133,29 @@ def setup_torch(cfg: DictConfig) -> None:
     deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not cfg.deterministic
     torch.manual_seed(cfg.seed)
+    keep_freed_memory()
+
+
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> None:
+    """Let glibc's malloc reuse the memory of freed activations instead of handing it back to
+    the OS and faulting it in again at the next step. By default a block at or above the
+    (dynamic) mmap threshold gets fresh pages and the heap top is trimmed past the trim
+    threshold; with a CPU step's multi-megabyte tensors that is ~10k page faults per step, 12%
+    of a ``model=cnn`` step here, for no gain in peak RSS. Setting any of ``MALLOC_ENV`` leaves
+    malloc as the user configured it; ``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` (a default
+    value) keeps glibc's default behaviour."""
+    if not sys.platform.startswith("linux") or any(k in os.environ for k in MALLOC_ENV):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc-like
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value on 64-bit
+    mallopt(m_trim_threshold, 512 << 20)
 
 
 def summary_config(cfg: DictConfig) -> dict:
