@@ -9,8 +9,19 @@ statistics of the fixed probe batch every 50 steps, histograms every 500); not t
 baseline measurement, evaluation or checkpoint. The CPU-clock figure times the same span
 (``Trainer.fit`` minus ``Trainer.end_epoch``) in CPU seconds of this process.
 
-Rounds alternate the order of the sides; the ratio is the median over rounds of the
-per-step time with probes / without, for the same round (target: at most 1.10).
+Two measurements:
+
+* step-interleaved (the precise one on a shared, noisy machine): one ``bnlab.train.Trainer``
+  per side in this process, fed the same batches (bnlab's own ``train_batches``), alternating
+  one training step of each side (``Trainer.train_step``, and ``Trainer.sync`` every
+  ``log_every`` steps, as ``Trainer.fit`` does). Probes are read-only, so both sides compute on
+  identical weights. Reported: total time of all steps with probes / without (this includes the
+  periodic activation probe), and the median of the per-step ratios;
+* whole epochs: ``bnlab.train.run(cfg)`` per side, its ``images_per_s``; rounds alternate the
+  order of the sides; the ratio is the median over rounds of the per-step time with probes /
+  without (drifts in the machine's load between the two epochs of a round show up here).
+
+Target: probe=default at most 1.10× the step time of probe=off.
 
 Usage::
 
@@ -27,13 +38,56 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import BATCH, DEFAULT_ROOT, Sample, bnlab_epoch, bnlab_overrides
+from bench_train import (
+    BATCH,
+    DEFAULT_ROOT,
+    Sample,
+    bnlab_epoch,
+    bnlab_overrides,
+    compose,
+    restore_torch_globals,
+)
+
+from bnlab import data as datasets
+from bnlab import train
+from bnlab.tracking import Tracker
+
+
+def step_interleaved(base: list[str], probes: list[str], epochs: int, run_dir: Path
+                     ) -> dict[str, list[float]]:
+    """Seconds of each training step per side, the sides' steps alternating on the same batch."""
+    sides = {}
+    with restore_torch_globals():
+        for probe in probes:
+            trainer = train.Trainer(compose([*base, f"probe={probe}"]), run_dir / probe)
+            tracker = Tracker(run_dir / probe)
+            if trainer.probes:
+                trainer.record(tracker, trainer.probes.start(), 0)
+            sides[probe] = (trainer, tracker)
+        trainer = sides[probes[0]][0]
+        cfg, d = trainer.cfg, trainer.data
+        times: dict[str, list[float]] = {p: [] for p in probes}
+        for epoch in range(epochs):
+            batches = datasets.train_batches(d, cfg.batch_size, cfg.seed, epoch, 0,
+                                             epoch * trainer.per_epoch, cfg.data.augment)
+            for i, (x, y) in enumerate(batches):
+                for probe in probes if i % 2 == 0 else probes[::-1]:
+                    tr, tk = sides[probe]
+                    t0 = time.perf_counter()
+                    tr.train_step(x, y, tk)
+                    if tr.state.step % cfg.log_every == 0:
+                        tr.sync(tk)
+                    times[probe].append(time.perf_counter() - t0)
+        for _, tk in sides.values():
+            tk.close()
+    return times
 
 
 def main() -> None:
@@ -46,6 +100,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="also time probe=full")
+    parser.add_argument("--only", choices=["steps", "epochs"], default=None,
+                        help="run only the step-interleaved or only the whole-epoch part")
     args = parser.parse_args()
     n = args.train_size or (20 * BATCH if args.quick else None)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -58,7 +114,27 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}; model=cnn norm={args.norm}, "
           f"{'all' if n is None else n} training images, {rounds} rounds")
 
-    print("warm-up …", flush=True)
+    if args.only != "epochs":
+        step_part(base, probes, 3 if args.quick else 2, run_dir)  # 3: past step 50 (act probe)
+    if args.only != "steps":
+        epoch_part(base, probes, rounds, run_dir)
+
+
+def step_part(base: list[str], probes: list[str], epochs: int, run_dir: Path) -> None:
+    times = step_interleaved(base, probes, epochs, run_dir)
+    steps = len(times["off"])
+    print(f"\n## step-interleaved: {steps} steps ({epochs} epoch(s)) per side")
+    print("| probe | mean step ms | total / probe=off | median per-step ratio |")
+    print("|---|---|---|---|")
+    for probe, ts in times.items():
+        total = sum(ts) / sum(times["off"])
+        per_step = statistics.median(t / o for t, o in zip(ts, times["off"], strict=True))
+        print(f"| {probe} | {1e3 * sum(ts) / steps:.1f} | {total:.3f}× | {per_step:.3f}× |")
+
+
+
+def epoch_part(base: list[str], probes: list[str], rounds: int, run_dir: Path) -> None:
+    print("\nwhole epochs: warm-up …", flush=True)
     for probe in probes:
         bnlab_epoch([*base, f"probe={probe}", f"data.train_size={8 * BATCH}"], run_dir)
 
@@ -70,7 +146,8 @@ def main() -> None:
             f"probe={p} {v[-1].wall_ips:.0f}/{v[-1].cpu_ips:.0f} img/s (wall/CPU)"
             for p, v in samples.items()), flush=True)
 
-    print("\n| probe | images/s wall (median) | per round | step time / probe=off, wall | "
+    print("\n## whole epochs")
+    print("| probe | images/s wall (median) | per round | step time / probe=off, wall | "
           "step time / probe=off, CPU |")
     print("|---|---|---|---|---|")
     off = samples["off"]
