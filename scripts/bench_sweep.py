@@ -42,6 +42,9 @@ def sweep_command(root: Path, train_size: int, sweep_dir: Path, extra: list[str]
             "epochs=1", "progress=false", "seed=0,1,2,3", f"hydra.sweep.dir={sweep_dir}", *extra]
 
 
+OVERRIDES: list[str] = []  # --override: extra overrides for every side (e.g. batch_size=32)
+
+
 SIDES = {
     "sequential": [],
     "parallel": ["hydra/launcher=parallel", "hydra.launcher.n_jobs=2"],
@@ -56,7 +59,8 @@ def run_sweep(root: Path, train_size: int, extra: list[str]) -> tuple[float, lis
         sweep_dir = Path(tmp) / "sweep"
         env = {**os.environ, "CI": "1"}
         t0 = time.perf_counter()
-        proc = subprocess.run(sweep_command(root, train_size, sweep_dir, extra), env=env,
+        cmd = sweep_command(root, train_size, sweep_dir, [*OVERRIDES, *extra])
+        proc = subprocess.run(cmd, env=env,
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
@@ -76,13 +80,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--oversubscribed", action="store_true",
                         help="also time parallel jobs that each use every core")
+    parser.add_argument("--override", action="append", default=[],
+                        help="an extra override for every job, e.g. batch_size=32 (repeatable)")
     args = parser.parse_args()
+    OVERRIDES.extend(args.override)
     size = args.train_size or (1280 if args.quick else 5000)
     rounds = args.rounds or (1 if args.quick else 2)
     sides = [s for s in SIDES if args.oversubscribed or s != "parallel-oversubscribed"]
 
-    print(f"{os.cpu_count()} cores; 4 jobs (seed=0,1,2,3) of model=cnn norm=custom probe=off, "
-          f"1 epoch of {size} training images + evaluation on 1000; {rounds} round(s)")
+    print(f"{os.cpu_count()} cores; 4 jobs (seed=0,1,2,3) of model=cnn norm=custom probe=off "
+          f"{' '.join(OVERRIDES)}, 1 epoch of {size} training images + evaluation on 1000; "
+          f"{rounds} round(s)")
     walls: dict[str, list[float]] = {s: [] for s in sides}
     job_ips: dict[str, list[float]] = {s: [] for s in sides}
     for r in range(rounds):

@@ -25,6 +25,13 @@ run in this process with the same torch thread count; bnlab's global torch setti
 rotating order; the report gives the median images/s per side and the median of the per-round
 ratios. A second table times the data path alone (one epoch of batches, no model).
 
+bnlab sets glibc malloc's mmap and trim thresholds when a run starts (``keep_freed_memory`` in
+``bnlab/train.py``); that is process-wide, so after bnlab's warm-up run every side here runs
+with them and the table compares the loops and data paths alone. What the setting itself buys
+is measured in fresh ``bnlab train`` processes, with it and with glibc's defaults
+(``GLIBC_TUNABLES=glibc.malloc.tcache_count=7``, a default value, makes bnlab leave malloc as
+it is): a hand-written loop in a fresh process runs with glibc's defaults.
+
 Memory (fresh subprocesses): peak RSS of ``bnlab train model=cnn probe=off`` (``peak_rss_mb``
 from ``metrics.json``), and the resident memory ``bnlab.data.load`` adds, for the real subset
 and for a synthetic full-size CIFAR-10 (50k train / 10k test random images written in the
@@ -343,6 +350,36 @@ def run_peak_rss(root: Path, train_size: int | None) -> float:
         return json.loads((Path(tmp) / "run" / "metrics.json").read_text())["peak_rss_mb"]
 
 
+DEFAULT_MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}  # a default: bnlab keeps off
+
+
+def cli_images_per_s(root: Path, train_size: int | None, env: dict[str, str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        size = "null" if train_size is None else str(train_size)
+        cmd = [sys.executable, "-m", "bnlab.cli", "train", f"data.root={root}", "model=cnn",
+               "probe=off", "epochs=1", "progress=false", f"data.train_size={size}",
+               f"hydra.run.dir={tmp}/run"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **env})
+        return json.loads((Path(tmp) / "run" / "metrics.json").read_text())["images_per_s"]
+
+
+def report_allocator(root: Path, train_size: int | None, rounds: int) -> None:
+    """``bnlab train`` in fresh processes, with bnlab's malloc settings and with glibc's."""
+    ips: dict[str, list[float]] = {"bnlab malloc settings": [], "glibc defaults": []}
+    envs = {"bnlab malloc settings": {}, "glibc defaults": DEFAULT_MALLOC}
+    for r in range(rounds):
+        for name in list(ips) if r % 2 == 0 else list(ips)[::-1]:
+            ips[name].append(cli_images_per_s(root, train_size, envs[name]))
+    print("\n## allocator: `bnlab train model=cnn probe=off epochs=1`, fresh processes")
+    print("| malloc | images/s (median) | per round | tuned / this |")
+    print("|---|---|---|---|")
+    tuned = ips["bnlab malloc settings"]
+    for name, xs in ips.items():
+        ratio = median([t / x for t, x in zip(tuned, xs, strict=True)])
+        print(f"| {name} | {median(xs):.0f} | {', '.join(f'{x:.0f}' for x in xs)} | "
+              f"{ratio:.3f}× |")
+
+
 def report_memory(root: Path, train_size: int | None) -> None:
     print("\n## memory")
     print(f"peak RSS of `bnlab train model=cnn probe=off epochs=1` (train_size={train_size}): "
@@ -476,6 +513,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, data {args.data_root}")
     if not args.memory_only:
         bench_throughput(args, n)
+        report_allocator(args.data_root, n, args.rounds)
     if not args.no_memory:
         report_memory(args.data_root, n)
 
