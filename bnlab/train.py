@@ -126,6 +126,8 @@ def build(cfg: DictConfig, device: torch.device) -> nn.Module:
 def setup_torch(cfg: DictConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:  # cuBLAS is deterministic only with this (read when CUDA starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     # Deterministic mode also fills every new tensor with NaN (a guard against reads of
     # uninitialized memory): ~25M extra element writes, ~10% of a CPU step of model=cnn, and
