@@ -5,14 +5,23 @@ For each model (cnn, vgg11, vgg16, resnet20) and norm (custom, torch, none, nois
 ``torch.compile`` d copy (default Inductor backend, as ``bnlab.train.Trainer`` does it) are:
 
 1. checked on one fixed batch: training-mode output, loss, every parameter gradient and the
-   updated running statistics, then eval-mode output, compiled vs eager. The figure reported is
-   the largest ``max|compiled - eager| / max|eager|`` over all of these tensors; a case passes
-   when it is below ``--tol`` (1e-3). ``noisy`` draws random noise inside the forward: for it,
-   ``torch._inductor.config.fallback_random`` is on, so the compiled graph draws from torch's
-   own generator and both sides see the same noise (with Inductor's own RNG they cannot match);
+   updated running statistics, then eval-mode output, each against a float64 copy of the eager
+   model (same weights, same batch), as relative errors ``max|t - t64| / max|t64|``. Float32
+   gradients of these nets at initialization are ill-conditioned (BN's backward subtracts
+   nearly equal sums): ``torch.nn.BatchNorm2d`` in eager float32 is up to a few 1e-2 off float64
+   in some early-layer gradients, while bnlab's eager custom BN (CPU formulas with a per-row
+   ``bmm``) is far closer; compiled, the custom BN runs its functional formulas and lands at
+   torch's float32 accuracy. So the yardstick of "float tolerance" per tensor is the larger
+   error of eager float32 and of the same weights under torch's native BN in eager float32
+   (custom and noisy state dicts load into it; for ``torch`` and ``none`` it is eager itself):
+   the compiled model matches when its error is at most twice that, plus 1e-5. The table gives
+   the largest errors over all tensors. ``noisy`` draws random noise in the forward, which
+   Inductor generates with its own RNG (and may reorder), so its check runs with zero-magnitude
+   noise (the same code path, the noise draws included, but a deterministic result); it is timed
+   with the default noise;
 2. timed: one training step (forward, cross-entropy, backward, SGD step with momentum and weight
    decay) on a batch of ``--batch`` images, ``torch.set_num_threads(--threads)``; rounds
-   alternate eager and compiled steps (compiled first in odd rounds), after warm-up steps that
+   alternate eager and compiled steps (compiled first every other round), after warm-up steps that
    include the compilation. The speed-up is the median over rounds of eager time / compiled
    time for the same round.
 
@@ -32,7 +41,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import platform
@@ -41,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +67,7 @@ from bnlab.models import MODELS, NORMS, build_model, norm_factory  # noqa: E402
 class Result:
     model: str
     norm: str
-    max_rel_err: float
+    errs: dict[str, float]
     eager_ms: float
     compiled_ms: float
     speedup: float
@@ -67,21 +75,13 @@ class Result:
     eval_compile_s: float
 
 
-def make_model(model: str, norm: str, seed: int = 0) -> nn.Module:
+SILENT_NOISE = {"mean_range": 0.0, "std_range": (1.0, 1.0), "mean_jitter": 0.0,
+                "std_jitter": 0.0}
+
+
+def make_model(model: str, norm: str, seed: int = 0, noise: dict | None = None) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(model, norm_factory(norm), init="kaiming")
-
-
-@contextlib.contextmanager
-def same_rng_as_eager(on: bool) -> Iterator[None]:
-    """For ``noisy``: make compiled code draw its noise from torch's generator, as eager does."""
-    if not on:
-        yield
-        return
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(fallback_random=True):
-        yield
+    return build_model(model, norm_factory(norm, noise=noise), init="kaiming")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,20 +111,44 @@ def eval_output(model: nn.Module, forward: Callable, x: torch.Tensor) -> torch.T
     return out
 
 
-def check(eager: nn.Module, compiled_model: nn.Module, compiled: Callable, x: torch.Tensor,
-          y: torch.Tensor) -> tuple[float, float, float]:
-    """Max relative error over all compared tensors, and the two compile times (s)."""
-    ref = train_outputs(eager, eager, x, y)
+def outputs(model: nn.Module, forward: Callable, x: torch.Tensor, y: torch.Tensor
+            ) -> list[torch.Tensor]:
+    out = [t.detach().clone() for t in train_outputs(model, forward, x, y)]
+    return [*out, eval_output(model, forward, x)]
+
+
+def check(model_name: str, norm: str, x: torch.Tensor, y: torch.Tensor
+          ) -> tuple[dict[str, float], float, float]:
+    """Errors vs float64 (eager, compiled) and compiled vs eager; the two compile times (s)."""
+    noise = SILENT_NOISE if norm == "noisy" else None
+    eager = make_model(model_name, norm, noise=noise)
+    initial = copy.deepcopy(eager.state_dict())
+    ref64 = copy.deepcopy(eager).double()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
     t0 = time.perf_counter()
-    got = train_outputs(compiled_model, compiled, x, y)
+    got_train = train_outputs(compiled_model, compiled, x, y)
     compile_s = time.perf_counter() - t0
-    errs = [rel_err(a, b) for a, b in zip(ref, got, strict=True)]
-    ref_eval = eval_output(eager, eager, x)
     t0 = time.perf_counter()
     got_eval = eval_output(compiled_model, compiled, x)
     eval_compile_s = time.perf_counter() - t0
-    errs.append(rel_err(ref_eval, got_eval))
-    return max(errs), compile_s, eval_compile_s
+    got = [*got_train, got_eval]
+    ref = outputs(eager, eager, x, y)
+    exact = outputs(ref64, ref64, x.double(), y)
+    e_eager = [rel_err(t64, t) for t64, t in zip(exact, ref, strict=True)]
+    e_native = e_eager
+    if norm in ("custom", "noisy"):
+        native = make_model(model_name, "torch")
+        native.load_state_dict(initial)
+        e_native = [rel_err(t64, t)
+                    for t64, t in zip(exact, outputs(native, native, x, y), strict=True)]
+    e_comp = [rel_err(t64, t) for t64, t in zip(exact, got, strict=True)]
+    tol = [2 * max(e, n) + 1e-5 for e, n in zip(e_eager, e_native, strict=True)]
+    errs = {"eager_vs_f64": max(e_eager), "native_vs_f64": max(e_native),
+            "compiled_vs_f64": max(e_comp),
+            "compiled_vs_eager": max(rel_err(a, b) for a, b in zip(ref, got, strict=True)),
+            "ok": float(all(c <= t for c, t in zip(e_comp, tol, strict=True)))}
+    return errs, compile_s, eval_compile_s
 
 
 def make_step(model: nn.Module, forward: Callable, x: torch.Tensor, y: torch.Tensor
@@ -145,24 +169,24 @@ def bench_case(model_name: str, norm: str, args: argparse.Namespace) -> Result:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
-    with same_rng_as_eager(norm == "noisy"):
-        eager = make_model(model_name, norm)
-        compiled_model = copy.deepcopy(eager)
-        compiled = torch.compile(compiled_model)
-        err, compile_s, eval_compile_s = check(eager, compiled_model, compiled, x, y)
-        steps = {"eager": make_step(eager, eager, x, y),
-                 "compiled": make_step(compiled_model, compiled, x, y)}
-        for _ in range(args.warmup):
-            for step in steps.values():
-                step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for r in range(args.rounds):
-            for name in (["eager", "compiled"] if r % 2 == 0 else ["compiled", "eager"]):
-                t0 = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t0)
+    errs, compile_s, eval_compile_s = check(model_name, norm, x, y)
+    torch._dynamo.reset()
+    eager = make_model(model_name, norm)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model)
+    steps = {"eager": make_step(eager, eager, x, y),
+             "compiled": make_step(compiled_model, compiled, x, y)}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name in (["eager", "compiled"] if r % 2 == 0 else ["compiled", "eager"]):
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
     ratios = [e / c for e, c in zip(times["eager"], times["compiled"], strict=True)]
-    return Result(model_name, norm, err, statistics.median(times["eager"]) * 1e3,
+    return Result(model_name, norm, errs, statistics.median(times["eager"]) * 1e3,
                   statistics.median(times["compiled"]) * 1e3, statistics.median(ratios),
                   compile_s, eval_compile_s)
 
@@ -195,19 +219,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--no-end-to-end", action="store_true")
     args = parser.parse_args()
     args.models = args.models or (["cnn"] if args.quick else list(MODELS))
-    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.rounds = args.rounds or (3 if args.quick else 7)
     torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {platform.machine()}, threads={torch.get_num_threads()}, "
           f"batch {args.batch}, train step = fwd + cross-entropy + bwd + SGD step, median of "
           f"{args.rounds} interleaved rounds after {args.warmup} warm-up steps")
-    print("| model | norm | max rel. err vs eager | match | eager ms | compiled ms | speed-up "
-          "| compile s (train / eval) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | norm | eager vs f64 | native BN vs f64 | compiled vs f64 | compiled vs eager "
+          "| match | eager ms | compiled ms | speed-up | compile s (train / eval) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     failed = []
     for model_name in args.models:
         for norm in args.norms:
@@ -216,14 +239,16 @@ def main() -> None:
             except Exception as e:  # report and go on: one broken case must not hide the rest
                 failed.append(f"{model_name}/{norm}")
                 print(f"| {model_name} | {norm} | error: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:120]} | no | | | | |", flush=True)
+                      f"{str(e).splitlines()[0][:120]} | | | | no | | | | |", flush=True)
                 continue
-            ok = r.max_rel_err < args.tol
+            ok = bool(r.errs["ok"])
             if not ok:
                 failed.append(f"{model_name}/{norm}")
-            print(f"| {r.model} | {r.norm} | {r.max_rel_err:.1e} | {'yes' if ok else 'NO'} | "
-                  f"{r.eager_ms:.1f} | {r.compiled_ms:.1f} | {r.speedup:.2f}× | "
-                  f"{r.compile_s:.0f} / {r.eval_compile_s:.0f} |", flush=True)
+            print(f"| {r.model} | {r.norm} | {r.errs['eager_vs_f64']:.1e} | "
+                  f"{r.errs['native_vs_f64']:.1e} | {r.errs['compiled_vs_f64']:.1e} | "
+                  f"{r.errs['compiled_vs_eager']:.1e} | "
+                  f"{'yes' if ok else 'NO'} | {r.eager_ms:.1f} | {r.compiled_ms:.1f} | "
+                  f"{r.speedup:.2f}× | {r.compile_s:.0f} / {r.eval_compile_s:.0f} |", flush=True)
     if not args.no_end_to_end:
         end_to_end()
     if failed:
