@@ -35,7 +35,7 @@ CHECKS: dict[str, Check] = {
     "diverge_factor": (lambda v: is_num(v) and v > 1, "a number > 1"),
     "progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "channels_last": (lambda v: isinstance(v, bool), "true or false"),
+    "channels_last": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
     "amp": (lambda v: isinstance(v, bool), "true or false"),
     "deterministic": (lambda v: isinstance(v, bool), "true or false"),
     "overwrite": (lambda v: isinstance(v, bool), "true or false"),

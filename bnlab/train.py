@@ -119,8 +119,17 @@ def build(cfg: DictConfig, device: torch.device) -> nn.Module:
     norm = norm_factory(cfg.norm.name, eps=cfg.norm.eps, momentum=cfg.norm.momentum,
                         noise=cfg.norm.get("noise"))
     model = build_model(cfg.model.name, norm, init=cfg.model.init, **model_kwargs(cfg.model))
-    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-    return model.to(device=device, memory_format=memory_format)
+    return model.to(device=device, memory_format=memory_format(cfg, device))
+
+
+def memory_format(cfg: DictConfig, device: torch.device) -> torch.memory_format:
+    """The layout of conv weights and batches. ``auto`` is NHWC on CPU, where every model trained
+    faster with it (CPU max-pooling in NCHW alone took 16% of a cnn step; docs/benchmarks.md),
+    and on CUDA with ``amp`` (tensor-core convs want NHWC); NCHW elsewhere."""
+    nhwc = cfg.channels_last
+    if nhwc == "auto":
+        nhwc = device.type == "cpu" or (device.type == "cuda" and cfg.amp)
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def setup_torch(cfg: DictConfig) -> None:
@@ -267,7 +276,7 @@ class Trainer:
         self.model = build(cfg, self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         # Batches in the model's memory format, so a channels_last conv does not convert them.
-        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg, self.device)
         self.optimizer = make_optimizer(cfg.optim, self.model)
         self.probes = self._make_probes()
         self.state = RunState()

@@ -1,11 +1,11 @@
 """Step time of ``bnlab train`` with ``probe=default`` vs ``probe=off``.
 
 Both sides are ``bnlab.train.run(cfg)`` in this process, with the config ``bnlab train``
-composes (``model=cnn norm=custom epochs=1 progress=false`` on the CIFAR-10 subset, everything
-else default), differing only in ``probe``. What is timed is the span of bnlab's own
-``images_per_s``: the training steps of the epoch, with every probe call and the TensorBoard
-writing they cause (``probe=default``: gradient norms and update ratios every step, activation
-statistics of the fixed probe batch every 50 steps, histograms every 500); not the step-0
+composes (``model=cnn norm=custom progress=false`` on the CIFAR-10 subset, everything else
+default), differing only in ``probe``. What is timed is the span of bnlab's own
+``images_per_s``: the training steps, with every probe call and the TensorBoard writing they
+cause (``probe=default``: gradient norms and update ratios every step, activation statistics of
+the fixed probe batch every 100 steps, histograms every 500); not the step-0
 baseline measurement, evaluation or checkpoint. The CPU-clock figure times the same span
 (``Trainer.fit`` minus ``Trainer.end_epoch``) in CPU seconds of this process.
 
@@ -17,15 +17,18 @@ Two measurements:
   ``log_every`` steps, as ``Trainer.fit`` does). Probes are read-only, so both sides compute on
   identical weights. Reported: total time of all steps with probes / without (this includes the
   periodic activation probe), and the median of the per-step ratios;
-* whole epochs: ``bnlab.train.run(cfg)`` per side, its ``images_per_s``; rounds alternate the
-  order of the sides; the ratio is the median over rounds of the per-step time with probes /
-  without (drifts in the machine's load between the two epochs of a round show up here).
+* whole runs: ``bnlab.train.run(cfg)`` per side, ``--epochs`` epochs (default 3: 234 steps of
+  the subset, so the activation probe's cost at steps 100 and 200 is in, amortized as in a real
+  run), its ``images_per_s``; rounds alternate the order of the sides; the ratio is the median
+  over rounds of the per-step time with probes / without (drifts in the machine's load between
+  the two runs of a round show up here). This one also charges each side for the work of its
+  TensorBoard writer thread, which the step-interleaved measurement spreads over both sides.
 
 Target: probe=default at most 1.10× the step time of probe=off.
 
 Usage::
 
-    python scripts/bench_probes.py              # full epoch of the 10k subset, 3 rounds
+    python scripts/bench_probes.py              # 3 epochs of the 10k subset, 3 rounds
     python scripts/bench_probes.py --quick      # 2560 images, 2 rounds
     python scripts/bench_probes.py --full       # also probe=full (ICS and landscape on)
 """
@@ -101,7 +104,9 @@ def main() -> None:
                         help="torch threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="also time probe=full")
     parser.add_argument("--only", choices=["steps", "epochs"], default=None,
-                        help="run only the step-interleaved or only the whole-epoch part")
+                        help="run only the step-interleaved or only the whole-run part")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of each whole run (default 3; --quick 1)")
     args = parser.parse_args()
     n = args.train_size or (20 * BATCH if args.quick else None)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -117,7 +122,7 @@ def main() -> None:
     if args.only != "epochs":
         step_part(base, probes, 3 if args.quick else 2, run_dir)  # 3: past step 50 (act probe)
     if args.only != "steps":
-        epoch_part(base, probes, rounds, run_dir)
+        epoch_part(base, probes, rounds, args.epochs or (1 if args.quick else 3), run_dir)
 
 
 def step_part(base: list[str], probes: list[str], epochs: int, run_dir: Path) -> None:
@@ -133,20 +138,22 @@ def step_part(base: list[str], probes: list[str], epochs: int, run_dir: Path) ->
 
 
 
-def epoch_part(base: list[str], probes: list[str], rounds: int, run_dir: Path) -> None:
-    print("\nwhole epochs: warm-up …", flush=True)
+def epoch_part(base: list[str], probes: list[str], rounds: int, epochs: int,
+               run_dir: Path) -> None:
+    print(f"\nwhole runs of {epochs} epoch(s): warm-up …", flush=True)
     for probe in probes:
         bnlab_epoch([*base, f"probe={probe}", f"data.train_size={8 * BATCH}"], run_dir)
 
     samples: dict[str, list[Sample]] = {p: [] for p in probes}
     for r in range(rounds):
         for probe in probes if r % 2 == 0 else probes[::-1]:
-            samples[probe].append(bnlab_epoch([*base, f"probe={probe}"], run_dir))
+            samples[probe].append(bnlab_epoch([*base, f"probe={probe}", f"epochs={epochs}"],
+                                              run_dir))
         print(f"round {r + 1}: " + "  ".join(
             f"probe={p} {v[-1].wall_ips:.0f}/{v[-1].cpu_ips:.0f} img/s (wall/CPU)"
             for p, v in samples.items()), flush=True)
 
-    print("\n## whole epochs")
+    print(f"\n## whole runs of {epochs} epoch(s)")
     print("| probe | images/s wall (median) | per round | step time / probe=off, wall | "
           "step time / probe=off, CPU |")
     print("|---|---|---|---|---|")

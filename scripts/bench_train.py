@@ -3,7 +3,9 @@
 Sides, each training the same model (``model=cnn``, ``norm=custom`` unless ``--norm``) for one
 epoch of the training set from a fresh initialization, batch 128, SGD with bnlab's default
 lr, momentum and weight decay (read from the composed config), cosine lr per step, random crop
-(4-pixel zero padding) + horizontal flip:
+(4-pixel zero padding) + horizontal flip, in one memory format (``--memory-format``; default
+``channels_last``, what bnlab's ``channels_last=auto`` picks on CPU: bnlab gets
+``channels_last=true``, the hand-written sides convert their model and each batch):
 
 * ``bnlab``:  ``bnlab.train.run(cfg)`` in this process, with the config ``bnlab train`` composes
   (``initialize_config_module("bnlab.configs")``; ``probe=off epochs=1 progress=false``, all
@@ -15,6 +17,7 @@ lr, momentum and weight decay (read from the composed config), cosine lr per ste
   dataset padded once, each batch cropped and flipped with one gather, normalized in place;
   ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped per batch; the loss summed on the
   device and read once at the end (torch defaults: no deterministic mode).
+* ``bare-nchw`` (with ``channels_last`` only): ``bare`` in NCHW, what the layout is worth;
 * ``loader-wN``: ``torchvision.datasets.CIFAR10`` (PIL images) +
   ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` through a
   ``DataLoader`` with ``N`` worker processes, feeding the same loop as ``bare``.
@@ -262,20 +265,23 @@ def pil_loader(root: Path, n: int | None, mean: list[float], std: list[float],
 # -- the hand-written loop -----------------------------------------------------------------------
 
 
-def fresh_model(norm: str, seed: int = 0) -> nn.Module:
+def fresh_model(norm: str, fmt: torch.memory_format, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model("cnn", norm_factory(norm), init="kaiming")
+    return build_model("cnn", norm_factory(norm), init="kaiming").to(memory_format=fmt)
 
 
 def bare_epoch(model: nn.Module, batches: Batches, steps: int) -> Sample:
-    """One epoch of the plain loop, timed whole (shuffle to the final sync)."""
+    """One epoch of the plain loop, timed whole (shuffle to the final sync); batches are put in
+    the model's memory format."""
+    fmt = (torch.channels_last if model.features[0].weight.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format)
     opt = torch.optim.SGD(model.parameters(), **SGD)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
     t0 = Clock.now()
     total, seen = torch.zeros(()), 0
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -428,21 +434,28 @@ def bench_throughput(args: argparse.Namespace, n: int | None) -> None:
     steps = len(labels) // BATCH
     tensors = TensorBatches(images, labels, mean, std)
     loaders = {f"loader-w{w}": pil_loader(args.data_root, n, mean, std, w) for w in args.workers}
-    overrides = bnlab_overrides(args.data_root, args.norm, args.threads, n)
+    nhwc = args.memory_format == "channels_last"
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    overrides = [f"channels_last={str(nhwc).lower()}",
+                 *bnlab_overrides(args.data_root, args.norm, args.threads, n)]
     optim = compose(overrides).optim
     SGD.update(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     run_dir = Path(tempfile.mkdtemp(prefix="bench_train_"))
 
     sides: dict[str, Callable[[], Sample]] = {
         "bnlab": lambda: bnlab_epoch(overrides, run_dir),
-        "bare": lambda: bare_epoch(fresh_model(args.norm), tensors, steps),
+        "bare": lambda: bare_epoch(fresh_model(args.norm, fmt), tensors, steps),
     }
+    if nhwc:  # what the layout alone is worth
+        sides["bare-nchw"] = lambda: bare_epoch(fresh_model(args.norm, torch.contiguous_format),
+                                                tensors, steps)
     for name, loader in loaders.items():
-        sides[name] = lambda loader=loader: bare_epoch(fresh_model(args.norm), loader, steps)
+        sides[name] = lambda loader=loader: bare_epoch(fresh_model(args.norm, fmt), loader,
+                                                       steps)
 
     print("warm-up: bnlab and bare loop on 8 batches …", flush=True)
     bnlab_epoch([*overrides[:-1], f"data.train_size={8 * BATCH}"], run_dir)
-    bare_epoch(fresh_model(args.norm), list(tensors)[:8], 8)
+    bare_epoch(fresh_model(args.norm, fmt), list(tensors)[:8], 8)
 
     samples: dict[str, list[Sample]] = {name: [] for name in sides}
     names = list(sides)
@@ -455,7 +468,7 @@ def bench_throughput(args: argparse.Namespace, n: int | None) -> None:
             flush=True)
 
     print(f"\n## throughput: one epoch, {steps} steps × {BATCH} images, model=cnn "
-          f"norm={args.norm}, {args.rounds} rounds")
+          f"norm={args.norm}, {args.memory_format}, {args.rounds} rounds")
     print_table(samples, "bnlab")
 
     bnlab_data = BnlabBatches(overrides)
@@ -496,6 +509,10 @@ def main() -> None:
                         help="use the first N training images (default: all)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--norm", default="custom", help="custom, torch, none or noisy")
+    parser.add_argument("--memory-format", choices=["channels_last", "contiguous"],
+                        default="channels_last",
+                        help="layout of every side (bnlab: channels_last=true/false; default: "
+                             "what bnlab's channels_last=auto picks on CPU)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--workers", type=lambda s: [int(w) for w in s.split(",") if w],
                         default=None, help="DataLoader worker counts, e.g. 0,2 (empty: none)")

@@ -21,8 +21,8 @@ if [[ $MODEL == cnn ]]; then DEEP=classifier.0; else DEEP=classifier.3; fi
 # lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
 # lr 0.05 and above; see reproduce_lr_stability.sh), so that all variants
 # share one learning rate and differ only in the norm. A constant lr: under the default
-# cosine schedule the lr -> 0 at the end, where every update (hence ICS) vanishes and the
-# landscape probe's step sizes (multiples of the current lr) become too small to measure.
+# cosine schedule the lr -> 0 at the end, where every update (hence ICS) vanishes, and the
+# landscape would be probed at points the optimizer no longer moves between.
 sweep grid \
     "model=$MODEL" \
     norm=custom,torch,none \

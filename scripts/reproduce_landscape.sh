@@ -15,12 +15,12 @@ source "$(dirname "$0")/repro_common.sh"
 
 # Each measurement costs probe.landscape_points (8) extra forward/backward passes, so it is
 # taken every few steps with the activation probes off. Step sizes: the probe default,
-# 0.5-4 x the current learning rate.
+# 0.5-4 x the base learning rate (optim.lr), the same all run.
 # lr 0.01 for every norm: the lr at which the cnn trains without BN (it diverges at
 # lr 0.05 and above; see reproduce_lr_stability.sh), so that all variants
 # share one learning rate and differ only in the norm. A constant lr: under the default
-# cosine schedule the lr -> 0 at the end, where every update (hence ICS) vanishes and the
-# landscape probe's step sizes (multiples of the current lr) become too small to measure.
+# cosine schedule the lr -> 0 at the end, where every update (hence ICS) vanishes, and the
+# landscape would be probed at points the optimizer no longer moves between.
 sweep grid \
     "model=$(pick cnn vgg16)" \
     norm=custom,torch,none \

@@ -112,6 +112,8 @@ BAD_INPUTS = [
     (["optim.lr=["], r"no viable alternative at input"),
     (["resume=/no/such/run"], r"resume=/no/such/run: not a run dir"),
     (["probe.act_every=-5"], r"probe.act_every=-5 is invalid: must be an integer >= 0"),
+    (["channels_last=nhwc"], r"channels_last='nhwc' is invalid: must be auto, true or false"),
+    (["probe.act_seed=random"], r"probe.act_seed='random' is invalid: must be fixed or step"),
 ]
 
 

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from bnlab.errors import UsageError
 from bnlab.models import MODELS, build_model, find_slots, norm_factory
+from bnlab.train import memory_format
 
 TINY = {"cnn": {"channels": [4, 8], "hidden": 16}, "vgg11": {"hidden": 16},
         "vgg16": {"hidden": 16}, "resnet20": {"width": 4, "blocks": 1}}
@@ -80,3 +82,12 @@ def test_unknown_names_are_usage_errors():
         norm_factory("batch")
     with pytest.raises(UsageError, match=r"model='vgg19' is unknown"):
         build_model("vgg19", norm_factory("none"))
+
+
+@pytest.mark.parametrize(("setting", "device", "amp", "nhwc"), [
+    ("auto", "cpu", False, True), ("auto", "cuda", False, False), ("auto", "cuda", True, True),
+    ("auto", "mps", False, False), (False, "cpu", False, False), (True, "cuda", False, True)])
+def test_channels_last_auto_is_nhwc_on_cpu_and_on_cuda_with_amp(setting, device, amp, nhwc):
+    fmt = memory_format(OmegaConf.create({"channels_last": setting, "amp": amp}),
+                        torch.device(device))
+    assert fmt == (torch.channels_last if nhwc else torch.contiguous_format)

@@ -96,6 +96,26 @@ def test_drift_is_zero_when_nothing_changed():
         assert got[f"drift/w1/{name}"] == 0
 
 
+@pytest.mark.parametrize("act_seed", ["fixed", "step"])
+def test_noisy_bn_drift_at_unchanged_weights_depends_on_the_probe_seed(act_seed):
+    """The weights do not move between the probes. Under the fixed seed each probe draws the
+    same noise, so nothing drifts; seeded by step each probe draws new noise, as each training
+    step does, so the noisy BN outputs drift, and the same step draws the same noise again."""
+    def probe_at(step: int) -> dict[str, float]:
+        model = tiny_model("noisy")
+        probes = drift_probes(model, act_seed=act_seed)
+        probes.start()
+        return values(probes.after_step(step).scalars)
+
+    got = probe_at(1)
+    assert got == probe_at(1)  # reproducible (a resumed run repeats it)
+    slots = find_slots(tiny_model("noisy"))
+    assert got[f"drift/w1/{slots[0].layer}"] == 0  # upstream of every noisy BN: nothing moved
+    for slot in slots:
+        w1 = got[f"drift/w1/{slot.norm}"]
+        assert w1 == 0 if act_seed == "fixed" else w1 > 0.05
+
+
 def test_drift_measures_an_injected_shift():
     model = tiny_model("none")  # the conv keeps its bias: shift its output by δ per channel
     probes = drift_probes(model)
@@ -251,6 +271,7 @@ def test_loss_landscape_equals_a_direct_computation():
     probes = make_probes(model, optimizer, **{**ALL_OFF, "landscape_every": 1,
                                               "landscape_points": 4,
                                               "landscape_range": [0.5, 4.0]})
+    optimizer.param_groups[0]["lr"] = 0.001  # a schedule's decay: η stays in base-lr units
     x, y = batch()
     F.cross_entropy(model(x), y).backward()
     got = values(probes.after_backward(1, x, y).scalars)

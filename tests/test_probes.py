@@ -30,18 +30,9 @@ ALL_OFF = {"act_every": 0, "hist_every": 0, "grad_every": 0, "ics_every": 0,
            "landscape_every": 0}
 
 
-def _has_custom_bn() -> bool:
-    try:
-        from bnlab.nn import BatchNorm2d, NoisyBatchNorm2d  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-_NO_CUSTOM = pytest.mark.skipif(not _has_custom_bn(), reason="bnlab.nn has not landed")
-READ_ONLY_CASES = [("torch", "sgd"), ("none", "sgd"), ("torch", "adam"),
-                   pytest.param("custom", "sgd", marks=_NO_CUSTOM),
-                   pytest.param("noisy", "sgd", marks=_NO_CUSTOM)]
+READ_ONLY_CASES = [("torch", "sgd", "fixed"), ("none", "sgd", "fixed"),
+                   ("torch", "adam", "fixed"), ("custom", "sgd", "fixed"),
+                   ("noisy", "sgd", "fixed"), ("noisy", "sgd", "step")]
 
 
 def probe_cfg(**overrides: object) -> DictConfig:
@@ -105,13 +96,13 @@ def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
 
 
-@pytest.mark.parametrize(("norm", "opt_name"), READ_ONLY_CASES)
-def test_probes_leave_the_run_bit_identical(norm, opt_name):
+@pytest.mark.parametrize(("norm", "opt_name", "act_seed"), READ_ONLY_CASES)
+def test_probes_leave_the_run_bit_identical(norm, opt_name, act_seed):
     runs = []
     for probing in (False, True):
         model = tiny_model(norm, dropout=0.5, conv_dropout=0.2)
         optimizer = _optimizer(opt_name, model)
-        probes = make_probes(model, optimizer, **ALL_ON) if probing else None
+        probes = make_probes(model, optimizer, **ALL_ON, act_seed=act_seed) if probing else None
         losses, said = train(model, optimizer, probes)
         runs.append((model, optimizer, losses, torch.get_rng_state(), said))
     (m0, o0, l0, rng0, _), (m1, o1, l1, rng1, said) = runs
@@ -249,6 +240,7 @@ def test_logged_tags_and_steps_read_back_from_the_event_file(tmp_path):
     ({"landscape_range": [0.0, 1.0]}, "probe.landscape_range=[0.0, 1.0] is invalid"),
     ({"landscape_range": [1.0]}, "probe.landscape_range=[1.0] is invalid"),
     ({"layers": "some"}, "probe.layers='some' is invalid: must be all or a list"),
+    ({"act_seed": "random"}, "probe.act_seed='random' is invalid: must be fixed or step"),
     ({"layers": ["features.1", "features.2"]},
      "probe.layers: 'features.2' is not a watched position; allowed: all, features.0, "
      "features.1, features.4, features.5, classifier.0, classifier.1"),

@@ -4,8 +4,9 @@ The training loop builds one ``Probes`` (only when ``probe.enabled``) and calls 
 points of every step; at a step where nothing is due a call returns empty ``Measurements`` at
 once. Tags follow ``<group>/<measure>/<module path>``; the definitions are in the submodules:
 ``activations`` (``act/``, ``drift/``), ``gradients`` (``grad/``, ``opt/``), ``ics`` (``ics/``)
-and ``landscape`` (``landscape/``). All probe forwards run in train mode under a fixed seed, with
-the model's buffers and flags restored afterwards (``readonly``).
+and ``landscape`` (``landscape/``). All probe forwards run in train mode under a seeded RNG
+(fixed, or for activations optionally by step), with the model's buffers, flags and RNG streams
+restored afterwards (``readonly``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Probes:
         self.landscape_points = int(cfg.landscape_points)
         watched = watched_layers(cfg.layers, slots)
         self.ics_layers = [s.layer for s in slots if s.layer in watched]
-        self.activations = ActivationProbe(model, watched, probe_batch, int(cfg.hist_samples))
+        self.activations = ActivationProbe(model, watched, probe_batch, int(cfg.hist_samples),
+                                           seed_by_step=cfg.act_seed == "step")
         self.gradients = GradientProbe(model)
 
     def start(self) -> Measurements:
@@ -83,7 +85,7 @@ class Probes:
     def _activations(self, step: int) -> Measurements:
         if not _due(self.act_every, step):  # step 0 is due whenever act_every > 0
             return Measurements()
-        scalars, hists = self.activations.measure(histograms=_due(self.hist_every, step))
+        scalars, hists = self.activations.measure(step, histograms=_due(self.hist_every, step))
         return Measurements(scalars, hists)
 
     def _second_order(self, inputs: Tensor, targets: Tensor, ics: bool,
@@ -101,8 +103,11 @@ class Probes:
                 scalars.update(gradient_ics(self.model, self.optimizer, self.loss_fn, inputs,
                                             targets, self.ics_layers, by_name))
             if landscape:
-                lr = float(self.optimizer.param_groups[0]["lr"])
-                etas = step_sizes(lr, *self.landscape_range, self.landscape_points)
+                # The base lr, not the scheduled one: step sizes stay the same all run, so the
+                # landscape curve compares like with like (and does not collapse to η = 0 as a
+                # cosine schedule ends).
+                base_lr = float(self.optimizer.defaults["lr"])
+                etas = step_sizes(base_lr, *self.landscape_range, self.landscape_points)
                 scalars.update(loss_landscape(self.model, self.loss_fn, inputs, targets,
                                               by_name, etas))
         return scalars

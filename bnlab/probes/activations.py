@@ -1,8 +1,11 @@
 """Distributions of the watched activations on the fixed probe batch, and their drift.
 
 The probe forward runs in **train mode** (BN normalizes with the probe batch's own statistics,
-which is what the next layer sees during training), under the fixed probe seed (the same dropout
-masks and BN noise every time) and inside ``read_only`` (running stats and flags restored).
+which is what the next layer sees during training) inside ``read_only`` (running stats and
+flags restored), under a seeded RNG: with ``probe.act_seed=fixed`` every probe draws the same
+dropout masks and BN noise, so drift shows only what the weight updates did; with ``step`` the
+seed is PROBE_SEED + step, a new draw at every probe as at every training step, so drift also
+shows the shift that noise injects (noisy BN, dropout), and a resumed run still repeats it.
 Statistics are taken inside forward hooks, before an in-place ReLU overwrites the tensor.
 
 Per layer, over all values of the activation: percentiles ``act/p15|p50|p85`` (linear
@@ -131,8 +134,9 @@ class ActivationProbe:
     probe's statistics as drift references (these survive a checkpoint via ``state_dict``)."""
 
     def __init__(self, model: nn.Module, layers: list[str], batch: tuple[Tensor, Tensor],
-                 samples: int) -> None:
+                 samples: int, seed_by_step: bool = False) -> None:
         self.model, self.inputs, self.samples = model, batch[0], samples
+        self.seed_by_step = seed_by_step
         self.modules = {name: model.get_submodule(name) for name in layers}
         self.index: dict[str, Tensor | None] = {}
         self.init: dict[str, dict[str, Tensor]] = {}
@@ -150,7 +154,7 @@ class ActivationProbe:
         return self.index[name]
 
     @torch.no_grad()
-    def capture(self) -> dict[str, LayerStats]:
+    def capture(self, step: int) -> dict[str, LayerStats]:
         """One train-mode forward of the probe batch; the watched layers' statistics."""
         stats: dict[str, LayerStats] = {}
 
@@ -162,7 +166,8 @@ class ActivationProbe:
 
         handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
         try:
-            with (read_only(self.model), fixed_rng(self.inputs.device),
+            seed = PROBE_SEED + step if self.seed_by_step else PROBE_SEED
+            with (read_only(self.model), fixed_rng(self.inputs.device, seed),
                   torch.autocast(self.inputs.device.type, enabled=False)):
                 self.model.train()
                 self.model(self.inputs)
@@ -171,11 +176,12 @@ class ActivationProbe:
                 handle.remove()
         return stats
 
-    def measure(self, histograms: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def measure(self, step: int, histograms: bool
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Scalars (percentiles, mean, std, drift) and, if asked, histogram samples."""
         scalars: dict[str, Tensor] = {}
         hists: dict[str, Tensor] = {}
-        for name, s in self.capture().items():
+        for name, s in self.capture(step).items():
             for q, value in zip(QUANTILES, s.quantiles.unbind(), strict=True):
                 scalars[f"act/p{round(q * 100)}/{name}"] = value
             scalars[f"act/mean/{name}"] = s.mean

@@ -30,7 +30,7 @@ def _check_range(cfg: DictConfig) -> None:
     if not ok:
         shown = list(value) if isinstance(value, ListConfig) else value
         raise _invalid("landscape_range", shown, "[low, high] with 0 < low < high "
-                       "(multiples of the learning rate)")
+                       "(multiples of the base learning rate)")
 
 
 def watched_layers(layers: object, slots: Sequence[Slot]) -> list[str]:
@@ -62,6 +62,8 @@ def validate_probe_cfg(cfg: DictConfig, slots: Sequence[Slot] | None = None) -> 
     if hist and (not act or hist % act):
         # histograms are drawn from the activation probe's forward pass
         raise _invalid("hist_every", hist, f"0 or a multiple of probe.act_every={act}")
+    if cfg.get("act_seed") not in ("fixed", "step"):
+        raise _invalid("act_seed", cfg.get("act_seed"), "fixed or step")
     _check_range(cfg)
     if slots is not None:
         watched_layers(cfg.get("layers"), slots)

@@ -2,7 +2,8 @@
 
 At the current weights w with g = ∇L(w) (all parameters, the loss without weight decay, on the
 training batch under the fixed probe seed), for ``landscape_points`` step sizes η evenly spaced
-in ``landscape_range`` × the current learning rate (η = 0 not included):
+in ``landscape_range`` × the base learning rate ``optim.lr`` (η = 0 not included; the same
+η all run, whatever the schedule does):
 
 - ``landscape/loss_range`` = max_η L(w − ηg) − min_η L(w − ηg)        ("loss variation");
 - ``landscape/grad_pred``  = max_η ‖∇L(w) − ∇L(w − ηg)‖ − min_η of the same

@@ -11,6 +11,7 @@ and the RNG are restored by the two context managers here.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -37,29 +38,26 @@ def read_only(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved)
 
 
-_STATES: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-
-def _seeded_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Generator states for CPU and ``device`` after seeding with PROBE_SEED, made once."""
-    if device not in _STATES:
-        cpu = torch.Generator().manual_seed(PROBE_SEED).get_state()
-        dev = (None if device.type == "cpu"
-               else torch.Generator(device=device).manual_seed(PROBE_SEED).get_state())
-        _STATES[device] = (cpu, dev)
-    return _STATES[device]
+@functools.lru_cache(maxsize=4)
+def _seeded_states(device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Generator states for CPU and ``device`` after seeding with ``seed`` (the fixed probe
+    seed's are made once and reused)."""
+    cpu = torch.Generator().manual_seed(seed).get_state()
+    dev = (None if device.type == "cpu"
+           else torch.Generator(device=device).manual_seed(seed).get_state())
+    return cpu, dev
 
 
 @contextlib.contextmanager
-def fixed_rng(device: torch.device) -> Iterator[None]:
-    """Run the block with the global CPU and ``device`` generators set to a fixed seed, and put
-    the run's own streams back on exit. Every probe forward thus draws the same dropout masks
-    and BN noise: probe results change only when the weights do, and the training run never
-    sees that a probe drew random numbers."""
+def fixed_rng(device: torch.device, seed: int = PROBE_SEED) -> Iterator[None]:
+    """Run the block with the global CPU and ``device`` generators seeded with ``seed``, and
+    put the run's own streams back on exit. Probe forwards under one seed draw the same dropout
+    masks and BN noise, so their results differ only where the weights do, and the training run
+    never sees that a probe drew random numbers."""
     accelerator = device.type != "cpu"
     devices = [device] if accelerator else []
     device_type = device.type if accelerator else None
-    cpu, dev = _seeded_states(device)
+    cpu, dev = _seeded_states(device, seed)
     with torch.random.fork_rng(devices=devices, device_type=device_type):
         torch.set_rng_state(cpu)
         if dev is not None:
