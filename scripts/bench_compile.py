@@ -1,8 +1,10 @@
 """``compile=true``: does ``torch.compile`` work for every model and norm, match eager, and help?
 
 For each model (cnn, vgg11, vgg16, resnet20) and norm (custom, torch, none, noisy), built with
-``bnlab.models.build_model`` exactly as ``bnlab train`` builds it, an eager model and a
-``torch.compile`` d copy (default Inductor backend, as ``bnlab.train.Trainer`` does it) are:
+``bnlab.models.build_model`` exactly as ``bnlab train`` builds it, in the layout its
+``channels_last=auto`` picks on CPU (NHWC; ``--memory-format contiguous`` for NCHW), an eager
+model and a ``torch.compile`` d copy (default Inductor backend, as ``bnlab.train.Trainer`` does
+it) are:
 
 1. checked on one fixed batch: training-mode output, loss, every parameter gradient and the
    updated running statistics, then eval-mode output, each against a float64 copy of the eager
@@ -18,7 +20,9 @@ For each model (cnn, vgg11, vgg16, resnet20) and norm (custom, torch, none, nois
    the largest errors over all tensors. ``noisy`` draws random noise in the forward, which
    Inductor generates with its own RNG (and may reorder), so its check runs with zero-magnitude
    noise (the same code path, the noise draws included, but a deterministic result); it is timed
-   with the default noise;
+   with the default noise. Where float32 rounding blurs the picture (deep nets at
+   initialization), the float64 column settles whether compile computes the same function: the
+   float64 model compiled against the same model eager, where rounding is ~1e-16;
 2. timed: one training step (forward, cross-entropy, backward, SGD step with momentum and weight
    decay) on a batch of ``--batch`` images, ``torch.set_num_threads(--threads)``; rounds
    alternate eager and compiled steps (compiled first every other round), after warm-up steps that
@@ -75,13 +79,16 @@ class Result:
     eval_compile_s: float
 
 
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 SILENT_NOISE = {"mean_range": 0.0, "std_range": (1.0, 1.0), "mean_jitter": 0.0,
                 "std_jitter": 0.0}
 
 
-def make_model(model: str, norm: str, seed: int = 0, noise: dict | None = None) -> nn.Module:
+def make_model(model: str, norm: str, fmt: torch.memory_format, seed: int = 0,
+               noise: dict | None = None) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(model, norm_factory(norm, noise=noise), init="kaiming")
+    return build_model(model, norm_factory(norm, noise=noise), init="kaiming").to(
+        memory_format=fmt)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,13 +124,14 @@ def outputs(model: nn.Module, forward: Callable, x: torch.Tensor, y: torch.Tenso
     return [*out, eval_output(model, forward, x)]
 
 
-def check(model_name: str, norm: str, x: torch.Tensor, y: torch.Tensor
-          ) -> tuple[dict[str, float], float, float]:
+def check(model_name: str, norm: str, x: torch.Tensor, y: torch.Tensor,
+          fmt: torch.memory_format) -> tuple[dict[str, float], float, float]:
     """Errors vs float64 (eager, compiled) and compiled vs eager; the two compile times (s)."""
     noise = SILENT_NOISE if norm == "noisy" else None
-    eager = make_model(model_name, norm, noise=noise)
+    eager = make_model(model_name, norm, fmt, noise=noise)
     initial = copy.deepcopy(eager.state_dict())
     ref64 = copy.deepcopy(eager).double()
+    compiled64_model = copy.deepcopy(ref64)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)
     t0 = time.perf_counter()
@@ -138,15 +146,18 @@ def check(model_name: str, norm: str, x: torch.Tensor, y: torch.Tensor
     e_eager = [rel_err(t64, t) for t64, t in zip(exact, ref, strict=True)]
     e_native = e_eager
     if norm in ("custom", "noisy"):
-        native = make_model(model_name, "torch")
+        native = make_model(model_name, "torch", fmt)
         native.load_state_dict(initial)
         e_native = [rel_err(t64, t)
                     for t64, t in zip(exact, outputs(native, native, x, y), strict=True)]
+    got64 = outputs(compiled64_model, torch.compile(compiled64_model), x.double(), y)
     e_comp = [rel_err(t64, t) for t64, t in zip(exact, got, strict=True)]
     tol = [2 * max(e, n) + 1e-5 for e, n in zip(e_eager, e_native, strict=True)]
     errs = {"eager_vs_f64": max(e_eager), "native_vs_f64": max(e_native),
             "compiled_vs_f64": max(e_comp),
             "compiled_vs_eager": max(rel_err(a, b) for a, b in zip(ref, got, strict=True)),
+            "f64_compiled_vs_eager": max(rel_err(a, b)
+                                         for a, b in zip(exact, got64, strict=True)),
             "ok": float(all(c <= t for c, t in zip(e_comp, tol, strict=True)))}
     return errs, compile_s, eval_compile_s
 
@@ -167,11 +178,12 @@ def make_step(model: nn.Module, forward: Callable, x: torch.Tensor, y: torch.Ten
 def bench_case(model_name: str, norm: str, args: argparse.Namespace) -> Result:
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=gen)
+    fmt = FORMATS[args.memory_format]
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,), generator=gen)
-    errs, compile_s, eval_compile_s = check(model_name, norm, x, y)
+    errs, compile_s, eval_compile_s = check(model_name, norm, x, y, fmt)
     torch._dynamo.reset()
-    eager = make_model(model_name, norm)
+    eager = make_model(model_name, norm, fmt)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)
     steps = {"eager": make_step(eager, eager, x, y),
@@ -219,6 +231,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory-format", choices=list(FORMATS),
+                        default="channels_last",
+                        help="model and batch layout (default: what bnlab's channels_last=auto "
+                             "picks on CPU)")
     parser.add_argument("--no-end-to-end", action="store_true")
     args = parser.parse_args()
     args.models = args.models or (["cnn"] if args.quick else list(MODELS))
@@ -226,11 +242,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, {platform.machine()}, threads={torch.get_num_threads()}, "
-          f"batch {args.batch}, train step = fwd + cross-entropy + bwd + SGD step, median of "
+          f"batch {args.batch}, {args.memory_format}, train step = fwd + cross-entropy + bwd + "
+          f"SGD step, median of "
           f"{args.rounds} interleaved rounds after {args.warmup} warm-up steps")
     print("| model | norm | eager vs f64 | native BN vs f64 | compiled vs f64 | compiled vs eager "
-          "| match | eager ms | compiled ms | speed-up | compile s (train / eval) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| match | f64: compiled vs eager | eager ms | compiled ms | speed-up "
+          "| compile s (train / eval) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = []
     for model_name in args.models:
         for norm in args.norms:
@@ -239,7 +257,7 @@ def main() -> None:
             except Exception as e:  # report and go on: one broken case must not hide the rest
                 failed.append(f"{model_name}/{norm}")
                 print(f"| {model_name} | {norm} | error: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:120]} | | | | no | | | | |", flush=True)
+                      f"{str(e).splitlines()[0][:120]} | | | | no | | | | | |", flush=True)
                 continue
             ok = bool(r.errs["ok"])
             if not ok:
@@ -247,7 +265,8 @@ def main() -> None:
             print(f"| {r.model} | {r.norm} | {r.errs['eager_vs_f64']:.1e} | "
                   f"{r.errs['native_vs_f64']:.1e} | {r.errs['compiled_vs_f64']:.1e} | "
                   f"{r.errs['compiled_vs_eager']:.1e} | "
-                  f"{'yes' if ok else 'NO'} | {r.eager_ms:.1f} | {r.compiled_ms:.1f} | "
+                  f"{'yes' if ok else 'NO'} | {r.errs['f64_compiled_vs_eager']:.1e} | "
+                  f"{r.eager_ms:.1f} | {r.compiled_ms:.1f} | "
                   f"{r.speedup:.2f}× | {r.compile_s:.0f} / {r.eval_compile_s:.0f} |", flush=True)
     if not args.no_end_to_end:
         end_to_end()
