@@ -70,13 +70,14 @@ def one_line(error: BaseException) -> str:
 
 class RunDirGuard(Callback):
     """Checks before Hydra creates a single run's dir: the config is valid, the data is there,
-    and the dir is writable and holds no run (unless ``resume`` or ``overwrite`` is set), so a
-    mistake leaves no stray run dir and never clobbers an existing run's ``.hydra/`` files."""
+    and the dir is writable, not in use by another bnlab process, and holds no run (unless
+    ``resume`` or ``overwrite`` is set), so a mistake leaves no stray run dir and never
+    clobbers an existing run's ``.hydra/`` files."""
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
         from bnlab.config import pick_device, validate
         from bnlab.data import locate
-        from bnlab.train import check_run_dir
+        from bnlab.train import check_run_dir, run_dir_lock
 
         run_dir = Path(config.hydra.run.dir)
         try:  # the checks that need no run dir come first, so a mistake leaves none behind
@@ -84,7 +85,8 @@ class RunDirGuard(Callback):
             pick_device(config.device)
             locate(config.data)
             _check_writable(run_dir)
-            check_run_dir(run_dir, config.resume, config.overwrite)
+            with run_dir_lock(run_dir):  # not in use by another process, before .hydra/ is
+                check_run_dir(run_dir, config.resume, config.overwrite)  # rewritten
         except UsageError as e:
             _fail(e)  # Hydra turns a callback's exceptions into warnings; SystemExit stops it
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 FINISHED = ("completed", "diverged")
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
+LOCK = ".bnlab.lock"  # held (flock) while a process trains in the run dir
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -75,6 +77,21 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict | None:
         raise UsageError(f"{run_dir} holds an unfinished run (status {status}); pass "
                          "resume=true to continue it or overwrite=true to start over")
     return None
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` for the whole run: two processes in one run dir (a
+    sweep launched again while the first still runs) would interleave checkpoints, metrics and
+    event files. The OS drops the lock when the process ends, however it ends."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{run_dir} is in use by another bnlab process; wait for it to "
+                             "finish or choose another run dir") from None
+        yield
 
 
 def clear_run_outputs(run_dir: Path) -> None:
@@ -491,6 +508,11 @@ def hparams(trainer: Trainer, tracker: Tracker, metrics: dict) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Train one run in ``run_dir`` and return its metrics (also written to metrics.json)."""
     validate(cfg)
+    with run_dir_lock(run_dir):
+        return _run_locked(cfg, run_dir)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
     finished = check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     if finished is not None:
         log.info("%s already finished (status %s): skipping", run_dir, finished["status"])

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
+from bnlab import train
 from bnlab.cli import app
+from bnlab.errors import UsageError
+from bnlab.train import run_dir_lock
 from tests.cli import bnlab, metrics, scalars, tiny
 
 METRIC_KEYS = {"status", "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
@@ -130,6 +134,27 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(cifar_root, finished_r
     assert re.search(message, lines[0]), lines[0]
     assert "Traceback" not in r.stderr
     assert digest(finished_run.parent) == before
+
+
+def test_a_run_dir_in_use_by_another_process_is_refused_untouched(cifar_root, finished_run,
+                                                                  monkeypatch):
+    """A second process on a run dir (a sweep re-launched while the first runs) is refused in
+    one line before Hydra rewrites .hydra/, and the lock goes with its holder."""
+    monkeypatch.chdir(finished_run.parent)
+    before = digest(finished_run)
+    args = ["train", *tiny(cifar_root, "probe=off", "resume=true", "overwrite=true",
+                           f"hydra.run.dir={finished_run}")]
+    with run_dir_lock(finished_run):  # another process holds the dir
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2, r.output
+        assert r.stderr == f"error: {finished_run} is in use by another bnlab process; wait " \
+                           "for it to finish or choose another run dir\n"
+        assert digest(finished_run) == before
+        with pytest.raises(UsageError, match="in use by another bnlab process"):
+            train.run(OmegaConf.load(finished_run / ".hydra" / "config.yaml"), finished_run)
+        assert digest(finished_run) == before
+    with run_dir_lock(finished_run):  # released with its holder
+        pass
 
 
 def test_bad_input_from_the_console_has_no_traceback(tmp_path, cifar_root):
