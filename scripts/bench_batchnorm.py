@@ -80,12 +80,12 @@ def make_step(layer: nn.Module, run: Callable[[Tensor], Tensor], x: Tensor, g: T
 
 
 def bench_shape(
-    shape: tuple[int, ...], rounds: int, warmup: int, compile_: bool
+    shape: tuple[int, ...], rounds: int, warmup: int, compile_: bool, fmt: torch.memory_format
 ) -> dict[str, list[float]]:
     torch.manual_seed(0)
     c = shape[1]
-    x = torch.randn(shape).mul_(2).add_(0.5).requires_grad_()
-    g = torch.randn(shape)
+    x = torch.randn(shape).mul_(2).add_(0.5).contiguous(memory_format=fmt).requires_grad_()
+    g = torch.randn(shape).contiguous(memory_format=fmt)
     layers: dict[str, nn.Module] = {
         "torch": nn.BatchNorm2d(c),
         "custom": BatchNorm2d(c),
@@ -137,7 +137,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC inputs (what bnlab train uses on CPU) instead of NCHW")
     args = parser.parse_args()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
     torch.set_num_threads(2)
     rounds = args.rounds or (7 if args.quick else 31)
@@ -146,14 +149,15 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {platform.machine()}, threads={torch.get_num_threads()}, "
-        f"float32 NCHW, training-mode forward+backward, {rounds} interleaved rounds "
+        f"float32 {'NHWC' if args.channels_last else 'NCHW'}, training-mode forward+backward, "
+        f"{rounds} interleaved rounds "
         f"after {warmup} warm-up steps"
     )
     # Other processes on the machine distort timings; record how busy it was.
     print("load average (1/5/15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     medians, minima = [], []
     for shape in SHAPES:
-        times = bench_shape(shape, rounds, warmup, compile_)
+        times = bench_shape(shape, rounds, warmup, compile_, fmt)
         medians.append((shape, {k: statistics.median(v) for k, v in times.items()}))
         minima.append((shape, {k: min(v) for k, v in times.items()}))
         print(f"done {shape}", flush=True)
