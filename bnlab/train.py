@@ -91,6 +91,9 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             raise UsageError(f"{run_dir} is in use by another bnlab process; wait for it to "
                              "finish or choose another run dir") from None
+        except OSError as e:  # a filesystem without locks (some network mounts)
+            log.warning("cannot lock %s (%s): not guarded against a second process", run_dir,
+                        e.strerror)
         yield
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -155,6 +156,16 @@ def test_a_run_dir_in_use_by_another_process_is_refused_untouched(cifar_root, fi
         assert digest(finished_run) == before
     with run_dir_lock(finished_run):  # released with its holder
         pass
+
+
+def test_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog):
+    def no_locks(fd: object, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    with run_dir_lock(tmp_path / "run"):
+        pass
+    assert "not guarded against a second process" in caplog.text
 
 
 def test_bad_input_from_the_console_has_no_traceback(tmp_path, cifar_root):
