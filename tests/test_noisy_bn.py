@@ -91,6 +91,24 @@ def test_exact_formula_against_manual_draws():
     torch.testing.assert_close(grad_bias, (g * s).sum((0, 2, 3)))
 
 
+def test_channels_last_input_draws_in_memory_order_and_keeps_the_layout():
+    """NHWC noise is drawn as a contiguous (N, H, W, C) block (fast on CPU), viewed as NCHW."""
+    layer = bnn.NoisyBatchNorm2d(3, mean_jitter=0.2, std_jitter=0.3)
+    x = torch.randn(4, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    clean = bnn.BatchNorm2d(3)
+    clean.load_state_dict(layer.state_dict())
+    a = clean(x)
+    torch.manual_seed(5)
+    out = layer(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(5)
+    u = torch.rand(2)
+    mu_t, sigma_t = (2 * u[0] - 1) * 0.5, 1.0 + 0.25 * u[1]
+    m = mu_t + 0.2 * (2 * torch.rand(4, 5, 6, 3) - 1)
+    s = sigma_t + 0.3 * torch.randn(4, 5, 6, 3)
+    torch.testing.assert_close(out, (s * a.permute(0, 2, 3, 1) + m).permute(0, 3, 1, 2))
+
+
 def test_deterministic_under_seed_and_rng_state():
     layer = bnn.NoisyBatchNorm1d(4)
     x = torch.randn(8, 4)
