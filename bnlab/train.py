@@ -135,11 +135,11 @@ def model_kwargs(cfg: DictConfig) -> dict:
     return {k: v for k, v in kwargs.items() if k not in ("name", "init")}
 
 
-def build(cfg: DictConfig, device: torch.device) -> nn.Module:
+def build(cfg: DictConfig, device: torch.device, fmt: torch.memory_format) -> nn.Module:
     norm = norm_factory(cfg.norm.name, eps=cfg.norm.eps, momentum=cfg.norm.momentum,
                         noise=cfg.norm.get("noise"))
     model = build_model(cfg.model.name, norm, init=cfg.model.init, **model_kwargs(cfg.model))
-    return model.to(device=device, memory_format=memory_format(cfg, device))
+    return model.to(device=device, memory_format=fmt)
 
 
 def memory_format(cfg: DictConfig, device: torch.device) -> torch.memory_format:
@@ -293,10 +293,10 @@ class Trainer:
             raise UsageError(f"batch_size={cfg.batch_size} is larger than the training set "
                              f"({len(self.data.train)} images)")
         self.total_steps = cfg.epochs * self.per_epoch
-        self.model = build(cfg, self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        # Batches in the model's memory format, so a channels_last conv does not convert them.
+        # Weights and batches in one layout, so a channels_last conv does not convert them.
         self.memory_format = memory_format(cfg, self.device)
+        self.model = build(cfg, self.device, self.memory_format)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = make_optimizer(cfg.optim, self.model)
         self.probes = self._make_probes()
         self.state = RunState()

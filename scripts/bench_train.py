@@ -270,11 +270,10 @@ def fresh_model(norm: str, fmt: torch.memory_format, seed: int = 0) -> nn.Module
     return build_model("cnn", norm_factory(norm), init="kaiming").to(memory_format=fmt)
 
 
-def bare_epoch(model: nn.Module, batches: Batches, steps: int) -> Sample:
+def bare_epoch(model: nn.Module, batches: Batches, steps: int, fmt: torch.memory_format
+               ) -> Sample:
     """One epoch of the plain loop, timed whole (shuffle to the final sync); batches are put in
-    the model's memory format."""
-    fmt = (torch.channels_last if model.features[0].weight.is_contiguous(
-        memory_format=torch.channels_last) else torch.contiguous_format)
+    ``fmt``, the model's memory format."""
     opt = torch.optim.SGD(model.parameters(), **SGD)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
@@ -347,27 +346,18 @@ def dataset_memory(root: Path) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_peak_rss(root: Path, train_size: int | None) -> float:
+def cli_metrics(root: Path, train_size: int | None, env: dict[str, str] | None = None) -> dict:
+    """``metrics.json`` of ``bnlab train model=cnn probe=off epochs=1`` in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         size = "null" if train_size is None else str(train_size)
         cmd = [sys.executable, "-m", "bnlab.cli", "train", f"data.root={root}", "model=cnn",
                "probe=off", "epochs=1", "progress=false", f"data.train_size={size}",
                f"hydra.run.dir={tmp}/run"]
-        subprocess.run(cmd, check=True, capture_output=True)
-        return json.loads((Path(tmp) / "run" / "metrics.json").read_text())["peak_rss_mb"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})})
+        return json.loads((Path(tmp) / "run" / "metrics.json").read_text())
 
 
 DEFAULT_MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}  # a default: bnlab keeps off
-
-
-def cli_images_per_s(root: Path, train_size: int | None, env: dict[str, str]) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        size = "null" if train_size is None else str(train_size)
-        cmd = [sys.executable, "-m", "bnlab.cli", "train", f"data.root={root}", "model=cnn",
-               "probe=off", "epochs=1", "progress=false", f"data.train_size={size}",
-               f"hydra.run.dir={tmp}/run"]
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **env})
-        return json.loads((Path(tmp) / "run" / "metrics.json").read_text())["images_per_s"]
 
 
 def report_allocator(root: Path, train_size: int | None, rounds: int) -> None:
@@ -376,7 +366,7 @@ def report_allocator(root: Path, train_size: int | None, rounds: int) -> None:
     envs = {"bnlab malloc settings": {}, "glibc defaults": DEFAULT_MALLOC}
     for r in range(rounds):
         for name in list(ips) if r % 2 == 0 else list(ips)[::-1]:
-            ips[name].append(cli_images_per_s(root, train_size, envs[name]))
+            ips[name].append(cli_metrics(root, train_size, envs[name])["images_per_s"])
     print("\n## allocator: `bnlab train model=cnn probe=off epochs=1`, fresh processes")
     print("| malloc | images/s (median) | per round | tuned / this |")
     print("|---|---|---|---|")
@@ -390,7 +380,7 @@ def report_allocator(root: Path, train_size: int | None, rounds: int) -> None:
 def report_memory(root: Path, train_size: int | None, full_run: bool) -> None:
     print("\n## memory")
     print(f"peak RSS of `bnlab train model=cnn probe=off epochs=1` (train_size={train_size}): "
-          f"{run_peak_rss(root, train_size):.0f} MB")
+          f"{cli_metrics(root, train_size)['peak_rss_mb']:.0f} MB")
     with tempfile.TemporaryDirectory() as tmp:
         fake = Path(tmp) / FOLDER
         write_synthetic_cifar(fake, 50_000, 10_000)
@@ -398,7 +388,7 @@ def report_memory(root: Path, train_size: int | None, full_run: bool) -> None:
                 ("synthetic full size", dataset_memory(fake))]
         if full_run:
             print("peak RSS of the same run on the synthetic full-size set (50k / 10k): "
-                  f"{run_peak_rss(fake, None):.0f} MB")
+                  f"{cli_metrics(fake, None)['peak_rss_mb']:.0f} MB")
     print("| dataset | train | test | tensors MB | RSS held MB | RSS peak extra MB |")
     print("|---|---|---|---|---|---|")
     for name, m in rows:
@@ -444,18 +434,19 @@ def bench_throughput(args: argparse.Namespace, n: int | None) -> None:
 
     sides: dict[str, Callable[[], Sample]] = {
         "bnlab": lambda: bnlab_epoch(overrides, run_dir),
-        "bare": lambda: bare_epoch(fresh_model(args.norm, fmt), tensors, steps),
+        "bare": lambda: bare_epoch(fresh_model(args.norm, fmt), tensors, steps, fmt),
     }
     if nhwc:  # what the layout alone is worth
-        sides["bare-nchw"] = lambda: bare_epoch(fresh_model(args.norm, torch.contiguous_format),
-                                                tensors, steps)
+        nchw = torch.contiguous_format
+        sides["bare-nchw"] = lambda: bare_epoch(fresh_model(args.norm, nchw), tensors, steps,
+                                                nchw)
     for name, loader in loaders.items():
         sides[name] = lambda loader=loader: bare_epoch(fresh_model(args.norm, fmt), loader,
-                                                       steps)
+                                                       steps, fmt)
 
     print("warm-up: bnlab and bare loop on 8 batches …", flush=True)
     bnlab_epoch([*overrides[:-1], f"data.train_size={8 * BATCH}"], run_dir)
-    bare_epoch(fresh_model(args.norm, fmt), list(tensors)[:8], 8)
+    bare_epoch(fresh_model(args.norm, fmt), list(tensors)[:8], 8, fmt)
 
     samples: dict[str, list[Sample]] = {name: [] for name in sides}
     names = list(sides)
