@@ -167,7 +167,8 @@ def setup_torch(cfg: DictConfig) -> None:
     keep_freed_memory()
 
 
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_",
+              "GLIBC_TUNABLES")
 
 
 def keep_freed_memory() -> None:
@@ -175,17 +176,21 @@ def keep_freed_memory() -> None:
     the OS and faulting it in again at the next step. By default a block at or above the
     (dynamic) mmap threshold gets fresh pages and the heap top is trimmed past the trim
     threshold; with a CPU step's multi-megabyte tensors that is ~10k page faults per step, 12%
-    of a ``model=cnn`` step here, for no gain in peak RSS. Setting any of ``MALLOC_ENV`` leaves
-    malloc as the user configured it; ``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` (a default
-    value) keeps glibc's default behaviour."""
+    of a ``model=cnn`` step here, for no gain in peak RSS. The threshold cannot go above
+    32 MiB, and a (128, 64, 32, 32) float32 activation (VGG's first stage) is just above it,
+    so mmap is switched off altogether (each such block was 8k page faults). Setting any of
+    ``MALLOC_ENV`` leaves malloc as the user configured it;
+    ``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` (a default value) keeps glibc's default
+    behaviour."""
     if not sys.platform.startswith("linux") or any(k in os.environ for k in MALLOC_ENV):
         return
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc-like
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
     mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value on 64-bit
+    mallopt(m_mmap_max, 0)  # blocks above the threshold come from the heap too
     mallopt(m_trim_threshold, 512 << 20)
 
 

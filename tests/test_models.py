@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -7,7 +10,7 @@ from torch import nn
 
 from bnlab.errors import UsageError
 from bnlab.models import MODELS, build_model, find_slots, norm_factory
-from bnlab.train import memory_format
+from bnlab.train import MALLOC_ENV, keep_freed_memory, memory_format
 
 TINY = {"cnn": {"channels": [4, 8], "hidden": 16}, "vgg11": {"hidden": 16},
         "vgg16": {"hidden": 16}, "resnet20": {"width": 4, "blocks": 1}}
@@ -91,3 +94,24 @@ def test_channels_last_auto_is_nhwc_on_cpu_and_on_cuda_with_amp(setting, device,
     fmt = memory_format(OmegaConf.create({"channels_last": setting, "amp": amp}),
                         torch.device(device))
     assert fmt == (torch.channels_last if nhwc else torch.contiguous_format)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_large_activations_are_not_mmapped_so_their_pages_are_reused(monkeypatch):
+    for name in MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _MallInfo2
+    keep_freed_memory()
+    mmapped = mallinfo2().hblkhd
+    # 40 MiB: above the largest mmap threshold glibc allows (32 MiB), like a (128, 64, 32, 32)
+    # float32 activation plus allocator padding.
+    block = torch.empty(40 << 20, dtype=torch.uint8)
+    assert mallinfo2().hblkhd == mmapped
+    del block
