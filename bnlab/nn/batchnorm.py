@@ -210,6 +210,19 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(_reduce_dims(a))
 
 
+def _scale_shift(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    """``out = t * scale + shift`` with per-channel (broadcast) ``scale`` and ``shift``.
+
+    With channels innermost (NHWC) one ``addcmul`` pass does it: the broadcast vectors line up
+    with the vector lanes (0.8 ms against 1.4 ms for ``mul_`` + ``add_`` on a (128, 32, 32, 32)
+    tensor). In NCHW, ``addcmul``'s broadcast first operand takes a slow path (1.5 ms against
+    1.0 ms), so two passes are used there.
+    """
+    if t.stride(1) == 1:
+        return torch.addcmul(shift, t, scale, out=out)
+    return torch.mul(t, scale, out=out).add_(shift)
+
+
 # --------------------------------------------------------------------------------------------
 # autograd Functions
 # --------------------------------------------------------------------------------------------
@@ -276,10 +289,8 @@ class _BatchNormTrainFn(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)
             scale = invstd if weight is None else weight.to(cdtype) * invstd
             offset = -delta * scale if bias is None else bias.to(cdtype) - delta * scale
-            # y = (xc - delta) * scale + beta, in place. (Two in-place passes are faster on
-            # CPU than torch.addcmul(offset, xc, scale), whose broadcast first operand takes a
-            # slow, non-vectorized path.)
-            y = xc.mul_(_per_channel(scale, ndim)).add_(_per_channel(offset, ndim))
+            # y = (xc - delta) * scale + beta, in place.
+            y = _scale_shift(xc, _per_channel(scale, ndim), _per_channel(offset, ndim), out=xc)
         y = y.to(x.dtype)
 
         # Only x (an input: no extra memory) and per-channel vectors are kept.
@@ -354,12 +365,12 @@ def _train_backward_fast(
         scale = invstd if weight is None else weight.to(cdtype) * invstd
         k = -scale * invstd * invstd * dot / n
         c = -scale * sum_g / n
-        # dx = k * (x - mu) + c + scale * g: three in-place-friendly passes.
+        # dx = k * (x - mu) + c + scale * g, in few passes over one buffer.
+        k_ = _per_channel(k, ndim)
         if shortcut:
-            dx = torch.mul(x, _per_channel(k, ndim), out=_empty(x, cdtype, fmt))
-            dx.add_(_per_channel(c - k * center, ndim))
+            dx = _scale_shift(x, k_, _per_channel(c - k * center, ndim), out=_empty(x, cdtype, fmt))
         else:
-            dx = xc.mul_(_per_channel(k, ndim)).add_(_per_channel(c - k * delta, ndim))
+            dx = _scale_shift(xc, k_, _per_channel(c - k * delta, ndim), out=xc)
         dx.addcmul_(g, _per_channel(scale, ndim))
         dx = dx.to(grad_y.dtype)
     return dx, d_weight, sum_g
