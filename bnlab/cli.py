@@ -17,7 +17,10 @@ from typing import Annotated
 import hydra
 import typer
 import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -75,15 +78,11 @@ class RunDirGuard(Callback):
     clobbers an existing run's ``.hydra/`` files."""
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
-        from bnlab.config import pick_device, validate
-        from bnlab.data import locate
         from bnlab.train import check_run_dir, run_dir_lock
 
         run_dir = Path(config.hydra.run.dir)
         try:  # the checks that need no run dir come first, so a mistake leaves none behind
-            validate(config)
-            pick_device(config.device)
-            locate(config.data)
+            _check_job(config)
             _check_writable(run_dir)
             with run_dir_lock(run_dir):  # not in use by another process, before .hydra/ is
                 check_run_dir(run_dir, config.resume, config.overwrite)  # rewritten
@@ -92,9 +91,45 @@ class RunDirGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
         try:
+            _check_sweep_jobs(config)
             _check_writable(Path(config.hydra.sweep.dir))
-        except UsageError as e:
+        except USER_ERRORS as e:
             _fail(e)
+
+
+def _check_job(config: DictConfig) -> None:
+    """What one job can be checked for before it starts: valid values, device, data."""
+    from bnlab.config import pick_device, validate
+    from bnlab.data import locate
+
+    validate(config)
+    pick_device(config.device)
+    locate(config.data)
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _check_sweep_jobs(config: DictConfig) -> None:
+    """Check every job of a sweep before the first one starts. Otherwise a bad value in job 17
+    stops the sweep after 16 jobs' work, and under a parallel launcher it also kills the jobs
+    running beside it. The jobs are expanded and composed as Hydra's basic sweeper will do it
+    (its ``params`` first, then the command line); other sweepers choose jobs as they go."""
+    if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+        return
+    loader = GlobalHydra.instance().config_loader()
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+        [*params, *config.hydra.overrides.task])
+    (jobs,) = BasicSweeper.split_arguments(overrides, None)  # one batch: every job
+    # Jobs are named by the values that vary across the sweep (all overrides for one job).
+    varying = [i for i in range(len(jobs[0])) if len({job[i] for job in jobs}) > 1]
+    for job in jobs:
+        try:
+            _check_job(loader.load_sweep_config(config, list(job)))
+        except USER_ERRORS as e:
+            name = " ".join(job[i] for i in varying) if varying else " ".join(job)
+            raise UsageError(f"sweep job {name}: {one_line(e)}; no job was started") from None
 
 
 def _check_writable(folder: Path) -> None:

@@ -69,6 +69,22 @@ def test_sweep_names_job_dirs_from_overrides_and_survives_divergence(tmp_path, c
         assert m["final_test_acc"] is None
 
 
+@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+def test_a_bad_value_in_any_sweep_job_fails_before_the_first_job_starts(tmp_path, cifar_root,
+                                                                       launcher):
+    # The bad value is in the last job, after a preset's sweep params: no job may run.
+    sweep = tmp_path / "sweep"
+    r = bnlab("train", *tiny(cifar_root, "experiment=lr_stability", "norm=torch", "seed=0",
+                             "model.dropout=0,1.5", f"hydra/launcher={launcher}",
+                             f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0] == ("error: sweep job optim.lr=0.003 model.dropout=1.5: model.dropout=1.5 "
+                        "is invalid: must be a number in [0, 1); no job was started")
+    assert not sweep.exists()
+
+
 def test_help_explains_hydra_hand_off_with_examples(tmp_path):
     r = bnlab("--help", cwd=tmp_path)
     assert r.returncode == 0 and "train" in r.stdout and "compare" in r.stdout
