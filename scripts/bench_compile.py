@@ -24,7 +24,8 @@ it) are:
    initialization), the float64 column settles whether compile computes the same function: the
    float64 model compiled against the same model eager, where rounding is ~1e-16;
 2. timed: one training step (forward, cross-entropy, backward, SGD step with momentum and weight
-   decay) on a batch of ``--batch`` images, ``torch.set_num_threads(--threads)``; rounds
+   decay) on a batch of ``--batch`` images, ``torch.set_num_threads(--threads)``, glibc malloc
+   set up as ``bnlab train`` sets it (``keep_freed_memory``); rounds
    alternate eager and compiled steps (compiled first every other round), after warm-up steps that
    include the compilation. The speed-up is the median over rounds of eager time / compiled
    time for the same round.
@@ -65,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bnlab.models import MODELS, NORMS, build_model, norm_factory  # noqa: E402
+from bnlab.train import keep_freed_memory  # noqa: E402
 
 
 @dataclass
@@ -240,6 +242,7 @@ def main() -> None:
     args.models = args.models or (["cnn"] if args.quick else list(MODELS))
     args.rounds = args.rounds or (3 if args.quick else 7)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()
 
     print(f"torch {torch.__version__}, {platform.machine()}, threads={torch.get_num_threads()}, "
           f"batch {args.batch}, {args.memory_format}, train step = fwd + cross-entropy + bwd + "

@@ -28,12 +28,12 @@ run in this process with the same torch thread count; bnlab's global torch setti
 rotating order; the report gives the median images/s per side and the median of the per-round
 ratios. A second table times the data path alone (one epoch of batches, no model).
 
-bnlab sets glibc malloc's mmap and trim thresholds when a run starts (``keep_freed_memory`` in
-``bnlab/train.py``); that is process-wide, so after bnlab's warm-up run every side here runs
-with them and the table compares the loops and data paths alone. What the setting itself buys
-is measured in fresh ``bnlab train`` processes, with it and with glibc's defaults
-(``GLIBC_TUNABLES=glibc.malloc.tcache_count=7``, a default value, makes bnlab leave malloc as
-it is): a hand-written loop in a fresh process runs with glibc's defaults.
+bnlab sets up glibc malloc (no mmap, a high trim threshold) when a run starts
+(``keep_freed_memory`` in ``bnlab/train.py``); that is process-wide, so after bnlab's warm-up
+run every side here runs with it and the table compares the loops and data paths alone. What
+the setting itself buys is measured in fresh ``bnlab train`` processes, with it and with
+glibc's defaults (``GLIBC_TUNABLES=glibc.malloc.tcache_count=7``, a default value, makes bnlab
+leave malloc as it is): a hand-written loop in a fresh process runs with glibc's defaults.
 
 Memory (fresh subprocesses): peak RSS of ``bnlab train model=cnn probe=off epochs=1``
 (``peak_rss_mb`` from ``metrics.json``: VmHWM), on the data and, except with ``--quick``, on a
