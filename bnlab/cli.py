@@ -7,6 +7,7 @@ line and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bnlab.errors import UsageError
@@ -97,39 +98,63 @@ class RunDirGuard(Callback):
             _fail(e)
 
 
-def _check_job(config: DictConfig) -> None:
-    """What one job can be checked for before it starts: valid values, device, data."""
+def _check_job(config: DictConfig, here: bool = True) -> None:
+    """What one job can be checked for before it starts: valid values and, when it will run
+    on this machine (``here``), that its device and data exist."""
     from bnlab.config import pick_device, validate
     from bnlab.data import locate
 
     validate(config)
-    pick_device(config.device)
-    locate(config.data)
+    if here:
+        pick_device(config.device)
+        locate(config.data)
 
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"
+# Jobs of these launchers run on other machines (cluster nodes), with their own devices and
+# file systems: only the values are checked up front there.
+REMOTE_LAUNCHERS = ("SlurmLauncher",)
+log = logging.getLogger(__name__)
 
 
 def _check_sweep_jobs(config: DictConfig) -> None:
     """Check every job of a sweep before the first one starts. Otherwise a bad value in job 17
     stops the sweep after 16 jobs' work, and under a parallel launcher it also kills the jobs
     running beside it. The jobs are expanded and composed as Hydra's basic sweeper will do it
-    (its ``params`` first, then the command line); other sweepers choose jobs as they go."""
+    (its ``params`` first, then the command line, interpolations left for each job to resolve)
+    and checked with the job's Hydra config in place, as the launcher will run them; other
+    sweepers choose jobs as they go."""
     if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
         return
     loader = GlobalHydra.instance().config_loader()
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create(config_loader=loader).parse_overrides(
-        [*params, *config.hydra.overrides.task])
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides([*params, *task])
     (jobs,) = BasicSweeper.split_arguments(overrides, None)  # one batch: every job
+    if not jobs:
+        return
+    if len(jobs) > 20:
+        log.info(f"Checking the configs of {len(jobs)} jobs before starting")
+    here = not str(config.hydra.launcher.get("_target_", "")).endswith(REMOTE_LAUNCHERS)
     # Jobs are named by the values that vary across the sweep (all overrides for one job).
     varying = [i for i in range(len(jobs[0])) if len({job[i] for job in jobs}) > 1]
-    for job in jobs:
-        try:
-            _check_job(loader.load_sweep_config(config, list(job)))
-        except USER_ERRORS as e:
-            name = " ".join(job[i] for i in varying) if varying else " ".join(job)
-            raise UsageError(f"sweep job {name}: {one_line(e)}; no job was started") from None
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    try:
+        for num, job in enumerate(jobs):
+            job_cfg = loader.load_sweep_config(config, list(job))
+            with open_dict(job_cfg):
+                job_cfg.hydra.job.id, job_cfg.hydra.job.num = num, num
+            hydra_config.set_config(job_cfg)  # for ${hydra:...} in the job's values
+            try:
+                _check_job(job_cfg, here)
+            except USER_ERRORS as e:
+                name = " ".join(job[i] for i in varying) if varying else " ".join(job)
+                full = os.environ.get(ONE_LINE_ERRORS) == "0"  # keep the cause for the traceback
+                raise UsageError(f"sweep job {name}: {one_line(e)}; no job was started") from (
+                    e if full else None)
+    finally:
+        hydra_config.cfg = previous
 
 
 def _check_writable(folder: Path) -> None:

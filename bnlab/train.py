@@ -178,7 +178,8 @@ def keep_freed_memory() -> None:
     threshold; with a CPU step's multi-megabyte tensors that is ~10k page faults per step, 12%
     of a ``model=cnn`` step here, for no gain in peak RSS. The threshold cannot go above
     32 MiB, and a (128, 64, 32, 32) float32 activation (VGG's first stage) is just above it,
-    so mmap is switched off altogether (each such block was 8k page faults). Setting any of
+    so mmap is switched off for blocks the heap can hold (each such block was 8k page faults;
+    glibc still mmaps what a thread's arena cannot hold). Setting any of
     ``MALLOC_ENV`` leaves malloc as the user configured it;
     ``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` (a default value) keeps glibc's default
     behaviour."""

@@ -72,7 +72,8 @@ def test_sweep_names_job_dirs_from_overrides_and_survives_divergence(tmp_path, c
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_a_bad_value_in_any_sweep_job_fails_before_the_first_job_starts(tmp_path, cifar_root,
                                                                        launcher):
-    # The bad value is in the last job, after a preset's sweep params: no job may run.
+    # The bad value is in the second of 14 jobs (the preset's sweep params come first): no job
+    # may run, not even the first.
     sweep = tmp_path / "sweep"
     r = bnlab("train", *tiny(cifar_root, "experiment=lr_stability", "norm=torch", "seed=0",
                              "model.dropout=0,1.5", f"hydra/launcher={launcher}",
@@ -82,6 +83,22 @@ def test_a_bad_value_in_any_sweep_job_fails_before_the_first_job_starts(tmp_path
     assert len(lines) == 1, r.stderr
     assert lines[0] == ("error: sweep job optim.lr=0.003 model.dropout=1.5: model.dropout=1.5 "
                         "is invalid: must be a number in [0, 1); no job was started")
+    assert not sweep.exists()
+
+
+@pytest.mark.parametrize("extra", [
+    ["seed=${hydra:job.num}"],  # resolved per job, as the launcher will
+    # On a cluster the jobs' device and data are the nodes', not this machine's.
+    ["hydra/launcher=slurm", "device=cuda:7", "data.root=/only/on/the/nodes"],
+], ids=["hydra-interpolation", "slurm"])
+def test_the_sweep_check_sees_each_job_as_it_will_run(tmp_path, cifar_root, extra):
+    sweep = tmp_path / "sweep"
+    r = bnlab("train", "-m", *tiny(cifar_root, *extra, "model.dropout=0,1.5",
+                                   f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: sweep job model.dropout=1.5: model.dropout=1.5 is invalid: must be a number in "
+        "[0, 1); no job was started"]
     assert not sweep.exists()
 
 
