@@ -62,11 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bnlab.models import MODELS, NORMS, build_model, norm_factory  # noqa: E402
-from bnlab.train import keep_freed_memory  # noqa: E402
+from bench_train import FORMATS, make_model
+
+from bnlab.models import MODELS, NORMS
+from bnlab.train import keep_freed_memory
 
 
 @dataclass
@@ -81,16 +82,8 @@ class Result:
     eval_compile_s: float
 
 
-FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 SILENT_NOISE = {"mean_range": 0.0, "std_range": (1.0, 1.0), "mean_jitter": 0.0,
                 "std_jitter": 0.0}
-
-
-def make_model(model: str, norm: str, fmt: torch.memory_format, seed: int = 0,
-               noise: dict | None = None) -> nn.Module:
-    torch.manual_seed(seed)
-    return build_model(model, norm_factory(norm, noise=noise), init="kaiming").to(
-        memory_format=fmt)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

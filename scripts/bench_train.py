@@ -83,6 +83,7 @@ BATCH = 128
 SGD: dict = {}  # lr, momentum, weight_decay: filled from bnlab's composed optim config
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 # -- bnlab ---------------------------------------------------------------------------------------
@@ -265,9 +266,12 @@ def pil_loader(root: Path, n: int | None, mean: list[float], std: list[float],
 # -- the hand-written loop -----------------------------------------------------------------------
 
 
-def fresh_model(norm: str, fmt: torch.memory_format, seed: int = 0) -> nn.Module:
+def make_model(model: str, norm: str, fmt: torch.memory_format, seed: int = 0,
+               noise: dict | None = None) -> nn.Module:
+    """A freshly initialized bnlab model in layout ``fmt`` (the seed fixes its weights)."""
     torch.manual_seed(seed)
-    return build_model("cnn", norm_factory(norm), init="kaiming").to(memory_format=fmt)
+    return build_model(model, norm_factory(norm, noise=noise), init="kaiming").to(
+        memory_format=fmt)
 
 
 def bare_epoch(model: nn.Module, batches: Batches, steps: int, fmt: torch.memory_format
@@ -425,7 +429,7 @@ def bench_throughput(args: argparse.Namespace, n: int | None) -> None:
     tensors = TensorBatches(images, labels, mean, std)
     loaders = {f"loader-w{w}": pil_loader(args.data_root, n, mean, std, w) for w in args.workers}
     nhwc = args.memory_format == "channels_last"
-    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    fmt = FORMATS[args.memory_format]
     overrides = [f"channels_last={str(nhwc).lower()}",
                  *bnlab_overrides(args.data_root, args.norm, args.threads, n)]
     optim = compose(overrides).optim
@@ -434,19 +438,19 @@ def bench_throughput(args: argparse.Namespace, n: int | None) -> None:
 
     sides: dict[str, Callable[[], Sample]] = {
         "bnlab": lambda: bnlab_epoch(overrides, run_dir),
-        "bare": lambda: bare_epoch(fresh_model(args.norm, fmt), tensors, steps, fmt),
+        "bare": lambda: bare_epoch(make_model("cnn", args.norm, fmt), tensors, steps, fmt),
     }
     if nhwc:  # what the layout alone is worth
         nchw = torch.contiguous_format
-        sides["bare-nchw"] = lambda: bare_epoch(fresh_model(args.norm, nchw), tensors, steps,
+        sides["bare-nchw"] = lambda: bare_epoch(make_model("cnn", args.norm, nchw), tensors, steps,
                                                 nchw)
     for name, loader in loaders.items():
-        sides[name] = lambda loader=loader: bare_epoch(fresh_model(args.norm, fmt), loader,
+        sides[name] = lambda loader=loader: bare_epoch(make_model("cnn", args.norm, fmt), loader,
                                                        steps, fmt)
 
     print("warm-up: bnlab and bare loop on 8 batches …", flush=True)
     bnlab_epoch([*overrides[:-1], f"data.train_size={8 * BATCH}"], run_dir)
-    bare_epoch(fresh_model(args.norm, fmt), list(tensors)[:8], 8, fmt)
+    bare_epoch(make_model("cnn", args.norm, fmt), list(tensors)[:8], 8, fmt)
 
     samples: dict[str, list[Sample]] = {name: [] for name in sides}
     names = list(sides)
@@ -500,7 +504,7 @@ def main() -> None:
                         help="use the first N training images (default: all)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--norm", default="custom", help="custom, torch, none or noisy")
-    parser.add_argument("--memory-format", choices=["channels_last", "contiguous"],
+    parser.add_argument("--memory-format", choices=list(FORMATS),
                         default="channels_last",
                         help="layout of every side (bnlab: channels_last=true/false; default: "
                              "what bnlab's channels_last=auto picks on CPU)")
