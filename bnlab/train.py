@@ -189,9 +189,8 @@ def keep_freed_memory() -> None:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc-like
         return
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
-    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value on 64-bit
-    mallopt(m_mmap_max, 0)  # blocks above the threshold come from the heap too
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_mmap_max, 0)  # large blocks come from the heap too (the mmap threshold is moot)
     mallopt(m_trim_threshold, 512 << 20)
 
 
