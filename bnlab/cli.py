@@ -60,6 +60,7 @@ app = typer.Typer(
 # Errors the user can fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UsageError, HydraException, OmegaConfBaseException)
 ONE_LINE_ERRORS = "BNLAB_ONE_LINE_ERRORS"  # set by `train` unless HYDRA_FULL_ERROR=1 was asked for
+log = logging.getLogger(__name__)
 
 
 def one_line(error: BaseException) -> str:
@@ -114,7 +115,6 @@ BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__qualname__}"
 # Jobs of these launchers run on other machines (cluster nodes), with their own devices and
 # file systems: only the values are checked up front there.
 REMOTE_LAUNCHERS = ("SlurmLauncher",)
-log = logging.getLogger(__name__)
 
 
 def _check_sweep_jobs(config: DictConfig) -> None:
