@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab.nn as bnn
+import bnlab.nn.batchnorm as bnbn
 from bnlab.nn.batchnorm import _BatchNorm, batch_norm
 
 PAIRS = {
@@ -512,6 +513,61 @@ def test_huge_mean_is_numerically_stable(offset):
         with torch.no_grad():
             m.running_mean.fill_(offset)
             m.running_var.fill_(1.0)
+    y, grads = grads_of(ours, x, g)
+    y64, grads64 = grads_of(ours64, x.double(), g.double())
+    torch.testing.assert_close(y, y64.float(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, grads64, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
+
+
+def _force_slices(monkeypatch, samples_per_slice: int, bytes_per_sample: int) -> list[int]:
+    """Make the eager layer walk small inputs a few samples at a time, as it walks large ones
+    (``_SLICE_BYTES``); returns the slice counts of every walk, to show the slices were used."""
+    monkeypatch.setattr(bnbn, "_SLICE_BYTES", samples_per_slice * bytes_per_sample)
+    counts: list[int] = []
+    real = bnbn._sample_slices
+
+    def spy(t):
+        slices = real(t)
+        counts.append(len(slices))
+        return slices
+
+    monkeypatch.setattr(bnbn, "_sample_slices", spy)
+    return counts
+
+
+@pytest.mark.parametrize("per_slice", [1, 2], ids=["1-sample", "2-samples"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+def test_sample_slices_match_torch(monkeypatch, per_slice, layout):
+    """Walking the batch in slices (9 samples: 9 slices, or 5 with a short last one) gives the
+    same outputs, gradients and running statistics as torch, in training and in eval."""
+    x = torch.randn(9, 3, 6, 12) * 3 + 1
+    x = {
+        "nchw": x[..., :6].contiguous(),
+        "nhwc": x[..., :6].contiguous(memory_format=torch.channels_last),
+        "strided": x[..., ::2],
+    }[layout]
+    counts = _force_slices(monkeypatch, per_slice, 3 * 6 * 6 * 4)
+    ours, ref = make_pair(2)
+    for _ in range(2):
+        check_step(ours, ref, x)
+    expected = -(-9 // per_slice)
+    assert counts.count(expected) >= 2 * 3  # forward, gradient sums, dx; two steps
+    ours.eval()
+    ref.eval()
+    counts.clear()
+    check_step(ours, ref, x * 2 - 1)
+    assert expected in counts  # the weight gradient's dot product
+
+
+def test_sample_slices_huge_mean(monkeypatch):
+    """The centred path (|mean| >> std) in slices still equals the float64 math."""
+    _force_slices(monkeypatch, 2, 3 * 6 * 6 * 4)
+    ours, _ = make_pair(2)
+    ours64, _ = make_pair(2)
+    ours64.double()
+    x = torch.randn(9, 3, 6, 6) + 1e5
+    g = torch.randn(x.shape)
     y, grads = grads_of(ours, x, g)
     y64, grads64 = grads_of(ours64, x.double(), g.double())
     torch.testing.assert_close(y, y64.float(), rtol=1e-4, atol=1e-4)
