@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bnlab import nn as bnn
 from bnlab.errors import UsageError
 
 NormFactory = Callable[[int, int], nn.Module]
@@ -54,8 +55,6 @@ def _norm_classes(name: str) -> tuple[type[nn.Module], type[nn.Module]] | None:
         return None
     if name == "torch":
         return nn.BatchNorm1d, nn.BatchNorm2d
-    from bnlab import nn as bnn  # only the custom kinds need bnlab.nn
-
     if name == "noisy":
         return bnn.NoisyBatchNorm1d, bnn.NoisyBatchNorm2d
     return bnn.BatchNorm1d, bnn.BatchNorm2d
@@ -121,7 +120,7 @@ def cnn(norm: NormFactory, channels: Sequence[int] = (32, 64, 128), depth: int =
         for _ in range(depth):
             features += _conv_block(cin, cout, norm)
             cin = cout
-        features += [nn.MaxPool2d(2), *_maybe_dropout(conv_dropout)]
+        features += [bnn.MaxPool2d(2), *_maybe_dropout(conv_dropout)]
     side = 32 // 2 ** len(channels)
     classifier = [*_hidden_linear(cin * side * side, hidden, norm, dropout),
                   nn.Linear(hidden, num_classes)]
@@ -136,7 +135,7 @@ def vgg(name: str, norm: NormFactory, dropout: float = 0.0, conv_dropout: float 
     cin = 3
     for item in VGG_LAYOUTS[name]:
         if item == "M":
-            features += [nn.MaxPool2d(2), *_maybe_dropout(conv_dropout)]
+            features += [bnn.MaxPool2d(2), *_maybe_dropout(conv_dropout)]
         else:
             features += _conv_block(cin, int(item), norm)
             cin = int(item)

@@ -3,24 +3,25 @@
 For each model (cnn, vgg11, vgg16, resnet20) and norm (custom, torch, none, noisy), built with
 ``bnlab.models.build_model`` exactly as ``bnlab train`` builds it, in the layout its
 ``channels_last=auto`` picks on CPU (NHWC; ``--memory-format contiguous`` for NCHW), an eager
-model and a ``torch.compile`` d copy (default Inductor backend, as ``bnlab.train.Trainer`` does
-it) are:
+model and a compiled copy (``bnlab.train.compile_model``, what ``bnlab train compile=true`` runs:
+``torch.compile`` with the default Inductor backend, ATen's random numbers on CPU) are:
 
 1. checked on one fixed batch: training-mode output, loss, every parameter gradient and the
    updated running statistics, then eval-mode output, each against a float64 copy of the eager
    model (same weights, same batch), as relative errors ``max|t - t64| / max|t64|``. Float32
    gradients of these nets at initialization are ill-conditioned (BN's backward subtracts
    nearly equal sums): ``torch.nn.BatchNorm2d`` in eager float32 is up to a few 1e-2 off float64
-   in some early-layer gradients, while bnlab's eager custom BN (CPU formulas with a per-row
-   ``bmm``) is far closer; compiled, the custom BN runs its functional formulas and lands at
-   torch's float32 accuracy. So the yardstick of "float tolerance" per tensor is the larger
+   in some early-layer gradients, while bnlab's eager custom BN (its own CPU formulas and
+   summation order) is often closer; compiled, the custom BN runs its functional formulas and
+   lands at torch's float32 accuracy. So the yardstick of "float tolerance" per tensor is the larger
    error of eager float32 and of the same weights under torch's native BN in eager float32
    (custom and noisy state dicts load into it; for ``torch`` and ``none`` it is eager itself):
    the compiled model matches when its error is at most twice that, plus 1e-5. The table gives
-   the largest errors over all tensors. ``noisy`` draws random noise in the forward, which
-   Inductor generates with its own RNG (and may reorder), so its check runs with zero-magnitude
-   noise (the same code path, the noise draws included, but a deterministic result); it is timed
-   with the default noise. Where float32 rounding blurs the picture (deep nets at
+   the largest errors over all tensors. ``noisy`` draws random noise in the forward; its check
+   runs with zero-magnitude noise (the same code path, the noise draws included, but a result
+   that does not depend on the draws) and it is timed with the default noise. (With
+   ``compile_model``'s ATen random numbers the compiled draws equal eager's anyway;
+   ``tests/test_compile.py`` checks that.) Where float32 rounding blurs the picture (deep nets at
    initialization), the float64 column settles whether compile computes the same function: the
    float64 model compiled against the same model eager, where rounding is ~1e-16;
 2. timed: one training step (forward, cross-entropy, backward, SGD step with momentum and weight
@@ -67,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import FORMATS, make_model
 
 from bnlab.models import MODELS, NORMS
-from bnlab.train import keep_freed_memory
+from bnlab.train import compile_model, keep_freed_memory
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Result:
     eval_compile_s: float
 
 
+CPU = torch.device("cpu")
 SILENT_NOISE = {"mean_range": 0.0, "std_range": (1.0, 1.0), "mean_jitter": 0.0,
                 "std_jitter": 0.0}
 
@@ -128,7 +130,7 @@ def check(model_name: str, norm: str, x: torch.Tensor, y: torch.Tensor,
     ref64 = copy.deepcopy(eager).double()
     compiled64_model = copy.deepcopy(ref64)
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model)
+    compiled = compile_model(compiled_model, CPU)
     t0 = time.perf_counter()
     got_train = train_outputs(compiled_model, compiled, x, y)
     compile_s = time.perf_counter() - t0
@@ -145,7 +147,7 @@ def check(model_name: str, norm: str, x: torch.Tensor, y: torch.Tensor,
         native.load_state_dict(initial)
         e_native = [rel_err(t64, t)
                     for t64, t in zip(exact, outputs(native, native, x, y), strict=True)]
-    got64 = outputs(compiled64_model, torch.compile(compiled64_model), x.double(), y)
+    got64 = outputs(compiled64_model, compile_model(compiled64_model, CPU), x.double(), y)
     e_comp = [rel_err(t64, t) for t64, t in zip(exact, got, strict=True)]
     tol = [2 * max(e, n) + 1e-5 for e, n in zip(e_eager, e_native, strict=True)]
     errs = {"eager_vs_f64": max(e_eager), "native_vs_f64": max(e_native),
@@ -180,7 +182,7 @@ def bench_case(model_name: str, norm: str, args: argparse.Namespace) -> Result:
     torch._dynamo.reset()
     eager = make_model(model_name, norm, fmt)
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model)
+    compiled = compile_model(compiled_model, CPU)
     steps = {"eager": make_step(eager, eager, x, y),
              "compiled": make_step(compiled_model, compiled, x, y)}
     for _ in range(args.warmup):

@@ -4,7 +4,9 @@ Each row times one training-mode forward + backward of a single op (or a short c
 appears in the cnn: norm, ReLU, 2×2 max-pool) on a (128, 32, 32, 32) float32 NHWC input, the
 cnn's first stage, eager against ``torch.compile`` of the same function (default Inductor
 backend), interleaved rounds, median, 2 threads, malloc set up as in ``bnlab train``. A ratio
-above 1 means the compiled op is slower.
+above 1 means the compiled op is slower. ``F.max_pool2d`` rows show Inductor's own pooling
+kernel; ``bnlab MaxPool2d`` rows the layer bnlab's models use, which keeps ATen's kernel under
+compile on CPU.
 
 Usage::
 
@@ -28,22 +30,25 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnlab.nn import BatchNorm2d
+from bnlab.nn import BatchNorm2d, MaxPool2d
 from bnlab.train import keep_freed_memory
 
 SHAPE = (128, 32, 32, 32)
 
 
 def cases() -> dict[str, Callable[[Tensor], Tensor]]:
-    custom, native = BatchNorm2d(SHAPE[1]), nn.BatchNorm2d(SHAPE[1])
+    custom, native, pool = BatchNorm2d(SHAPE[1]), nn.BatchNorm2d(SHAPE[1]), MaxPool2d(2)
     return {
         "relu": F.relu,
         "max_pool2d": lambda x: F.max_pool2d(x, 2),
+        "bnlab MaxPool2d (ATen's kernel when compiled)": pool,
         "relu + max_pool2d": lambda x: F.max_pool2d(F.relu(x), 2),
+        "relu + bnlab MaxPool2d": lambda x: pool(F.relu(x)),
         "custom BN": custom,
         "torch BN": native,
         "custom BN + relu + max_pool2d": lambda x: F.max_pool2d(F.relu(custom(x)), 2),
         "torch BN + relu + max_pool2d": lambda x: F.max_pool2d(F.relu(native(x)), 2),
+        "custom BN + relu + bnlab MaxPool2d": lambda x: pool(F.relu(custom(x))),
     }
 
 

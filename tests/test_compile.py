@@ -1,4 +1,5 @@
-"""``compile=true``: a compiled model with bnlab's own BatchNorm matches eager.
+"""``compile=true``: a compiled model with bnlab's own BatchNorm matches eager, and max-pooling
+is left to ATen's kernels on CPU.
 
 One representative case (a tiny ``cnn`` with ``norm=custom``): compiling takes tens of seconds
 per model on this CPU even when tiny, so the other models and norms, Inductor code generation
@@ -15,8 +16,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bnlab.models import build_model, norm_factory
+from bnlab.nn import MaxPool2d, NoisyBatchNorm2d
+from bnlab.nn.pooling import _max_pool2d, _max_pool2d_backward
+from bnlab.train import compile_model
 
 
 @pytest.fixture
@@ -55,3 +60,73 @@ def test_compiled_custom_bn_model_matches_eager(models):
     compiled_model.eval()
     with torch.no_grad():
         close(eager(x), compiled(x))
+
+
+POOL_ARGS = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_pooling_ops_registrations(fmt):
+    """torch.library.opcheck: schema, fake (meta) shapes and strides against the real kernel,
+    autograd registration, and tracing through AOT autograd."""
+    x = torch.randn(2, 3, 6, 8).contiguous(memory_format=fmt).requires_grad_()
+    torch.library.opcheck(_max_pool2d, (x, *POOL_ARGS))
+    out, indices = _max_pool2d(x.detach(), *POOL_ARGS)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(_max_pool2d_backward, (grad, x.detach(), indices, *POOL_ARGS))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_pooling_op_equals_torch_max_pool(fmt):
+    x = torch.randn(2, 3, 7, 8).contiguous(memory_format=fmt).requires_grad_()
+    pool = nn.MaxPool2d(2, ceil_mode=True)
+    args = ([2, 2], [2, 2], [0, 0], [1, 1], True)
+    ours, ref = _max_pool2d(x, *args)[0], pool(x)
+    assert torch.equal(ours, ref) and ours.stride() == ref.stride()
+    g = torch.randn_like(ref)
+    (gx_ours,), (gx_ref,) = torch.autograd.grad(ours, x, g), torch.autograd.grad(ref, x, g)
+    assert torch.equal(gx_ours, gx_ref) and gx_ours.stride() == gx_ref.stride()
+
+
+def test_cpu_compile_calls_aten_pooling_in_one_graph():
+    """Under compile on CPU the model is one graph and its pools call the custom op (ATen's
+    kernel), not a pooling op that Inductor would generate code for."""
+    torch.manual_seed(0)
+    model = build_model("cnn", norm_factory("torch"), init="kaiming", channels=[4, 8], hidden=16)
+    assert all(type(m) is MaxPool2d for m in model.modules() if isinstance(m, nn.MaxPool2d))
+    graphs: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        x = torch.randn(2, 3, 32, 32)
+        close(model(x), torch.compile(model, backend=recording_backend)(x))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert graphs[0].count("bnlab.max_pool2d") == 2 and "max_pool2d_with_indices" not in graphs[0]
+
+
+def test_cpu_compile_draws_eager_random_numbers():
+    """``compile_model`` on CPU (Inductor, as ``bnlab train compile=true``) takes random numbers
+    from ATen's generator, so with the same seed a compiled noisy layer adds eager's noise and
+    dropout drops eager's units."""
+    layer = nn.Sequential(NoisyBatchNorm2d(3), nn.Dropout(0.5))
+    x = torch.randn(4, 3, 5, 5)
+    torch._dynamo.reset()
+    try:
+        compiled = compile_model(layer, torch.device("cpu"))
+        with torch.no_grad():
+            torch.manual_seed(7)
+            expected = layer(x)
+            torch.manual_seed(8)
+            other = layer(x)
+            torch.manual_seed(7)
+            got = compiled(x)
+    finally:
+        torch._dynamo.reset()
+    assert not torch.allclose(expected, other)  # the output depends on the draws
+    close(expected, got)
