@@ -310,6 +310,11 @@ def _raise(*args, **kwargs):
 
 @pytest.mark.parametrize("shape", [(4, 3), (4, 3, 8, 8), (2, 3, 2, 3, 4)])
 def test_no_native_norm_kernel(monkeypatch, shape):
+    # Entering a dispatch mode imports torch._dynamo, which keeps references to torch's
+    # functions: imported while they are patched, it could not trace the real ones later in
+    # this process. So it is imported before patching.
+    import torch._dynamo
+
     for owner, name in [
         (torch, "batch_norm"),
         (torch, "native_batch_norm"),
@@ -558,6 +563,21 @@ def test_sample_slices_match_torch(monkeypatch, per_slice, layout):
     counts.clear()
     check_step(ours, ref, x * 2 - 1)
     assert expected in counts  # the weight gradient's dot product
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sample_slices_other_dtypes(monkeypatch, dtype):
+    """Slices with float64, and with bfloat16 inputs computed in float32 buffers."""
+    x = (torch.randn(9, 3, 6, 6) * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    counts = _force_slices(monkeypatch, 2, 3 * 6 * 6 * torch.finfo(dtype).bits // 8)
+    ours, ref = make_pair(2)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}
+    if dtype == torch.float64:
+        ours.double()
+        ref.double()
+    for _ in range(2):
+        check_step(ours, ref, x, **tol)
+    assert max(counts) > 1
 
 
 def test_sample_slices_huge_mean(monkeypatch):

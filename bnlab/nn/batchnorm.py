@@ -246,7 +246,7 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
 def _centered_square_sum(x: Tensor, center: Tensor, out: Tensor) -> Tensor:
     """``out = x - center`` and the per-channel ``sum(out**2)``, a slice of samples at a time
     (each slice is squared while it is still in cache)."""
-    slices = _sample_slices(x)
+    slices = _sample_slices(out)  # (sized by out: half inputs are centred into float32)
     buf = _slice_buffer(out, slices, out.dtype)
     total = torch.zeros(x.shape[1], dtype=out.dtype, device=x.device)
     for s in slices:
@@ -332,7 +332,7 @@ class _BatchNormTrainFn(torch.autograd.Function):
             # Two-pass variance: center = mean(x) (rounded to the compute dtype), then the
             # mean of squared deviations xc = x - center; unlike E[x^2] - E[x]^2 this does not
             # cancel when |mean| >> std. The centred tensor lives in the buffer that becomes
-            # the output; xc * xc is formed a slice at a time (full size for small inputs).
+            # the output; xc * xc is formed a slice at a time (see _sample_slices).
             center = _channel_sum(x, cdtype) / n
             # (half inputs are promoted to float32 inside the subtraction)
             xc = _empty(x, cdtype, _output_memory_format(x))
@@ -397,8 +397,8 @@ def _train_backward_fast(
     need_x: bool,
     shortcut: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """First-order backward, eager: few passes; dx is its only full-size tensor (the dot's
-    product is formed a slice of samples at a time, full size only for small inputs).
+    """First-order backward, eager: few passes; dx is its only full-size tensor besides the
+    dot's product, which is formed a slice of samples at a time where ``_sample_slices`` slices.
 
     ``dx = k (x - mu) + c + scale g`` needs ``sum g (x - mu)``. With ``shortcut`` (input known
     to be well conditioned, |mean| <= _MAX_MEAN_OVER_STD * std) it is computed without

@@ -5,7 +5,9 @@ slower than ATen's: 3x for the forward + backward of the cnn's first 2x2 pool (i
 are stored through a slow vectorized path), enough to make a compiled cnn step slower than eager
 (``scripts/bench_compile_ops.py``, docs/benchmarks.md). Under compile on CPU this layer calls
 ATen's forward and backward kernels through two custom ops, which Inductor calls as they are,
-as it does convolutions; the model stays one graph. Everywhere else it is ``nn.MaxPool2d``.
+as it does convolutions; the model stays one graph. Everywhere else (and with
+``return_indices=True``) it is ``nn.MaxPool2d``. The ops have no double backward, which AOT
+autograd does not support under compile anyway.
 """
 
 from __future__ import annotations
