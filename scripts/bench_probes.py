@@ -63,13 +63,19 @@ from bnlab import train
 from bnlab.tracking import Tracker
 
 
+def override(base: list[str], *overrides: str) -> list[str]:
+    """``base`` with each ``key=value`` of ``overrides`` in place of the entry with that key."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
+
+
 def step_interleaved(base: list[str], probes: list[str], epochs: int, run_dir: Path
                      ) -> dict[str, list[float]]:
     """Seconds of each training step per side, the sides' steps alternating on the same batch."""
     sides = {}
     with restore_torch_globals():
         for probe in probes:
-            trainer = train.Trainer(compose([*base, f"probe={probe}"]), run_dir / probe)
+            trainer = train.Trainer(compose(override(base, f"probe={probe}")), run_dir / probe)
             tracker = Tracker(run_dir / probe)
             if trainer.probes:
                 trainer.record(tracker, trainer.probes.start(), 0)
@@ -142,12 +148,12 @@ def epoch_part(base: list[str], probes: list[str], rounds: int, epochs: int,
                run_dir: Path) -> None:
     print(f"\nwhole runs of {epochs} epoch(s): warm-up …", flush=True)
     for probe in probes:
-        bnlab_epoch([*base, f"probe={probe}", f"data.train_size={8 * BATCH}"], run_dir)
+        bnlab_epoch(override(base, f"probe={probe}", f"data.train_size={8 * BATCH}"), run_dir)
 
     samples: dict[str, list[Sample]] = {p: [] for p in probes}
     for r in range(rounds):
         for probe in probes if r % 2 == 0 else probes[::-1]:
-            samples[probe].append(bnlab_epoch([*base, f"probe={probe}", f"epochs={epochs}"],
+            samples[probe].append(bnlab_epoch(override(base, f"probe={probe}", f"epochs={epochs}"),
                                               run_dir))
         print(f"round {r + 1}: " + "  ".join(
             f"probe={p} {v[-1].wall_ips:.0f}/{v[-1].cpu_ips:.0f} img/s (wall/CPU)"
