@@ -24,32 +24,25 @@ def _pair(v: int | tuple[int, ...]) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
-@torch.library.custom_op("bnlab::max_pool2d", mutates_args=())
-def _max_pool2d(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-                dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
+def _pool_kernel(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                 dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
     return aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-@_max_pool2d.register_fake
-def _(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-      dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
-    # (on fake tensors the ATen op gives the real kernel's shapes and strides)
-    return aten.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)
-
-
-@torch.library.custom_op("bnlab::max_pool2d_backward", mutates_args=())
-def _max_pool2d_backward(grad: Tensor, x: Tensor, indices: Tensor, kernel_size: list[int],
-                         stride: list[int], padding: list[int], dilation: list[int],
-                         ceil_mode: bool) -> Tensor:
+def _pool_backward_kernel(grad: Tensor, x: Tensor, indices: Tensor, kernel_size: list[int],
+                          stride: list[int], padding: list[int], dilation: list[int],
+                          ceil_mode: bool) -> Tensor:
     return aten.max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,
                                                  ceil_mode, indices)
 
 
-@_max_pool2d_backward.register_fake
-def _(grad: Tensor, x: Tensor, indices: Tensor, kernel_size: list[int], stride: list[int],
-      padding: list[int], dilation: list[int], ceil_mode: bool) -> Tensor:
-    return aten.max_pool2d_with_indices_backward(grad, x, kernel_size, stride, padding, dilation,
-                                                 ceil_mode, indices)
+# Each function is both the op and its fake (meta) implementation: on fake tensors the ATen op
+# gives the real kernel's shapes and strides.
+_max_pool2d = torch.library.custom_op("bnlab::max_pool2d", _pool_kernel, mutates_args=())
+_max_pool2d.register_fake(_pool_kernel)
+_max_pool2d_backward = torch.library.custom_op(
+    "bnlab::max_pool2d_backward", _pool_backward_kernel, mutates_args=())
+_max_pool2d_backward.register_fake(_pool_backward_kernel)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
