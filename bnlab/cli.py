@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bnlab.errors import UsageError
+from bnlab.registry import option_names
 
 TRAIN_HELP = """Train one run, or a sweep with -m. Arguments are Hydra overrides, passed on as is.
 
@@ -43,12 +44,12 @@ Examples:
   bnlab train --info                                (Hydra's config search path and groups)
 
 \b
-Config groups: data (cifar10, synthetic), model (cnn, vgg11, vgg16, resnet20),
-norm (custom, torch, none, noisy), optim (sgd, adam), sched (constant, step, cosine),
-probe (default, off, full), experiment (lr_stability, dropout, noisy_bn),
-hydra/launcher (basic, joblib, slurm). Top-level keys: seed, epochs, batch_size, device,
-compile, channels_last, amp, resume, overwrite. See README.md for every key.
-Hydra's own flags (--cfg, --info, --hydra-help, -m, --multirun, ...) work as usual."""
+Config groups: {groups}.
+Top-level keys: seed, epochs, batch_size, device, compile, amp, resume, overwrite, ...
+See README.md for every key.
+Hydra's own flags (--cfg, --info, --hydra-help, -m, --multirun, ...) work as usual.""".format(
+    groups="; ".join(f"{g} ({', '.join(option_names(g))})" for g in
+                     ("data", "model", "norm", "optim", "sched", "probe", "experiment")))
 
 app = typer.Typer(
     help="bnlab: study internal covariate shift and batch normalization on CIFAR-10.\n\n"
@@ -77,19 +78,31 @@ class RunDirGuard(Callback):
     """Checks before Hydra creates a single run's dir: the config is valid, the data is there,
     and the dir is writable, not in use by another bnlab process, and holds no run (unless
     ``resume`` or ``overwrite`` is set), so a mistake leaves no stray run dir and never
-    clobbers an existing run's ``.hydra/`` files."""
+    clobbers an existing run's ``.hydra/`` files. The run dir's lock, taken here, is held until
+    the run ends, so a second launch into the same dir cannot rewrite ``.hydra/`` meanwhile."""
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
-        from bnlab.train import check_run_dir, run_dir_lock
+        from bnlab.rundir import HELD_LOCK, check_run_dir
 
         run_dir = Path(config.hydra.run.dir)
         try:  # the checks that need no run dir come first, so a mistake leaves none behind
             _check_job(config)
             _check_writable(run_dir)
-            with run_dir_lock(run_dir):  # not in use by another process, before .hydra/ is
-                check_run_dir(run_dir, config.resume, config.overwrite)  # rewritten
+            HELD_LOCK.take(run_dir)  # released when the run ends
+            check_run_dir(run_dir, config.resume, config.overwrite)
         except UsageError as e:
+            HELD_LOCK.release()
             _fail(e)  # Hydra turns a callback's exceptions into warnings; SystemExit stops it
+
+    def on_run_end(self, config: DictConfig, **kwargs: object) -> None:
+        from bnlab.rundir import HELD_LOCK
+
+        HELD_LOCK.release()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
+        sweep = config.hydra.sweep.dir
+        typer.echo(f"sweep done: {sweep}\n  compare: bnlab compare {sweep}   |   "
+                   f"tensorboard --logdir {sweep}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
         try:
@@ -99,11 +112,14 @@ class RunDirGuard(Callback):
             _fail(e)
 
 
+
+
 def _check_job(config: DictConfig, here: bool = True) -> None:
     """What one job can be checked for before it starts: valid values and, when it will run
     on this machine (``here``), that its device and data exist."""
-    from bnlab.config import pick_device, validate
+    from bnlab.config import validate
     from bnlab.data import locate
+    from bnlab.runtime import pick_device
 
     validate(config)
     if here:
@@ -179,14 +195,42 @@ def _default_threads() -> int | None:
 @hydra.main(config_path="pkg://bnlab.configs", config_name="train", version_base="1.3")
 def _train_job(cfg: DictConfig) -> dict:
     from bnlab import train
+    from bnlab.rundir import HELD_LOCK
+    from bnlab.runtime import setup_process
 
     if cfg.threads is None:
         cfg.threads = _default_threads()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return train.run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        setup_process(cfg)
+        return train.run(cfg, run_dir, locked=HELD_LOCK.holds(run_dir))
     except UsageError as e:
         # Leave the job as SystemExit: Hydra would add its own "Error executing job" line.
         _fail(e)
+    finally:
+        _print_summary(run_dir)
+
+
+def _print_summary(run_dir: Path) -> None:
+    """The end of a run, however it ended: status, accuracy, time, and where to look."""
+    from bnlab.rundir import read_metrics
+
+    m = read_metrics(run_dir)
+    if m is None or m.get("status") == "running":
+        return
+    status, acc, best = m["status"], m.get("final_test_acc"), m.get("best_test_acc")
+    if m.get("diverged"):
+        lr = m.get("lr_at_divergence")
+        result = f"diverged at step {m['diverged_step']}" + (f" (lr {lr:.3g})" if lr else "")
+    elif acc is not None:
+        result = f"test acc {acc:.4f} (best {best:.4f})"
+    else:
+        result = f"{m.get('steps', 0)} steps"
+    typer.echo(f"{status}: {result}, {m.get('wall_time_s', 0):.1f} s, run dir {run_dir}")
+    if status == "interrupted":
+        typer.echo(f"  continue: bnlab train resume={run_dir}")
+    typer.echo(f"  look at it: tensorboard --logdir {run_dir}   |   "
+               f"bnlab plot {run_dir} --out {run_dir / 'activations.png'}")
 
 
 def _resume_args(args: list[str]) -> list[str]:
@@ -201,8 +245,9 @@ def _resume_args(args: list[str]) -> list[str]:
         if not overrides.is_file():
             raise UsageError(f"resume={value}: not a run dir ({overrides} is missing); "
                              "use resume=true with the run's overrides, or a run dir")
+        # overwrite= too: resuming must never delete the progress it resumes from.
         saved = [o for o in yaml.safe_load(overrides.read_text()) or []
-                 if not o.startswith(("resume=", "hydra.run.dir="))]
+                 if not o.startswith(("resume=", "overwrite=", "hydra.run.dir="))]
         quoted = value.replace("\\", "\\\\").replace("'", "\\'")
         out += [*saved, f"hydra.run.dir='{quoted}'", "resume=true"]
     return out
@@ -234,6 +279,9 @@ def train(ctx: typer.Context) -> None:
             raise
         _fail(e)
     finally:
+        from bnlab.rundir import HELD_LOCK
+
+        HELD_LOCK.release()
         sys.argv = argv
         for key, value in saved.items():
             if value is None:

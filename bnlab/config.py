@@ -1,96 +1,129 @@
-"""Checks of a composed run config, so a bad value fails in one line before any work starts.
+"""The schema of a composed ``bnlab train`` config, and ``validate``: a bad value fails in one line
+naming the key, the value and what is allowed, before any run dir is written.
 
-Hydra already rejects unknown keys and group options; this adds types and ranges.
+Hydra rejects unknown keys and options; every value is then checked here against a pydantic
+schema: the top-level keys (:class:`TrainConfig`), ``data``, ``eval`` and ``probe`` below, and
+the group options through their registered classes (``bnlab.registry``: ``model``, ``norm``,
+``optim``, ``sched``). Finally the model is built on the meta device (no memory, no compute),
+so a norm that does not fit a model's slots (e.g. ``norm.num_groups`` not dividing a width)
+also fails before training.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field, model_validator
 
-from bnlab.errors import UsageError
-from bnlab.models import INITS, MODELS, NORMS
+from bnlab import models, norms, optim  # noqa: F401  (registers the group options)
+from bnlab.registry import Option, Schema, build, check
 
-
-def is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+PositiveInt = Annotated[int, Field(ge=1)]
+Interval = Annotated[int, Field(ge=0, description="steps between measurements; 0: off")]
 
 
-# key -> (test, what is allowed)
-Check = tuple[Callable[[object], bool], str]
-CHECKS: dict[str, Check] = {
-    "seed": (is_int, "an integer"),
-    "epochs": (lambda v: is_int(v) and v > 0, "an integer > 0"),
-    "batch_size": (lambda v: is_int(v) and v > 1, "an integer > 1 (BN needs 2+ samples)"),
-    "eval_batch_size": (lambda v: is_int(v) and v > 0, "an integer > 0"),
-    "log_every": (lambda v: is_int(v) and v > 0, "an integer > 0"),
-    "threads": (lambda v: v is None or (is_int(v) and v > 0), "null or an integer > 0"),
-    "diverge_factor": (lambda v: is_num(v) and v > 1, "a number > 1"),
-    "progress": (lambda v: v in ("auto", True, False), "auto, true or false"),
-    "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "channels_last": (lambda v: v == "auto" or isinstance(v, bool), "auto, true or false"),
-    "amp": (lambda v: isinstance(v, bool), "true or false"),
-    "deterministic": (lambda v: isinstance(v, bool), "true or false"),
-    "overwrite": (lambda v: isinstance(v, bool), "true or false"),
-    "resume": (lambda v: isinstance(v, bool), "true or false"),
-    "norm.name": (lambda v: v in NORMS, ", ".join(NORMS)),
-    "norm.eps": (lambda v: is_num(v) and v > 0, "a number > 0"),
-    "norm.momentum": (lambda v: v is None or (is_num(v) and 0 <= v <= 1),
-                      "null or a number in [0, 1]"),
-    "model.name": (lambda v: v in MODELS, ", ".join(MODELS)),
-    "model.init": (lambda v: v in INITS, ", ".join(INITS)),
-    "model.dropout": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "model.conv_dropout": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "optim.name": (lambda v: v in ("sgd", "adam"), "sgd, adam"),
-    "optim.lr": (lambda v: is_num(v) and v > 0, "a number > 0"),
-    "optim.momentum": (lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "optim.weight_decay": (lambda v: is_num(v) and v >= 0, "a number >= 0"),
-    "sched.name": (lambda v: v in ("constant", "step", "cosine"), "constant, step, cosine"),
-    "sched.warmup_epochs": (lambda v: is_num(v) and v >= 0, "a number >= 0"),
-    "data.train_size": (lambda v: v is None or (is_int(v) and v > 0), "null or an integer > 0"),
-    "data.test_size": (lambda v: v is None or (is_int(v) and v > 0), "null or an integer > 0"),
-}
+class TrainConfig(Schema):
+    """The top-level keys (the groups are checked on their own)."""
 
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+    seed: int = Field(description="seed of weights, data order, augmentation and dropout")
+    epochs: PositiveInt
+    batch_size: int = Field(ge=2, description="an integer >= 2 (BN needs 2+ samples)")
+    eval_batch_size: PositiveInt
+    log_every: PositiveInt
+    threads: PositiveInt | None
+    diverge_factor: float = Field(gt=1, description="diverged when the loss exceeds this × the "
+                                  "first loss (a number > 1)")
+    progress: Literal["auto"] | bool
+    compile: bool
+    channels_last: Literal["auto"] | bool
+    amp: bool
+    deterministic: bool
+    overwrite: bool
+    resume: bool
+    device: str = Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto, cpu, cuda, cuda:N or mps")
+
+    @model_validator(mode="after")
+    def _resume_or_overwrite(self) -> TrainConfig:
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: resume "
+                             "continues the run in its dir, overwrite deletes it; pass one")
+        return self
+
+
+class Augment(Schema):
+    crop: bool = Field(description="random 32×32 crop after 4-pixel zero padding")
+    flip: bool = Field(description="random horizontal flip")
+
+
+class DataOption(Option):
+    """Base of the ``data`` options (the loading itself is ``bnlab.data.load``)."""
+
+    group: ClassVar[str] = "data"
+    root: str | None = Field(description="a folder holding cifar-10-batches-py")
+    download: bool
+    url: str | None
+    md5: str | None
+    train_size: PositiveInt | None = Field(description="class-balanced subset; null: all")
+    test_size: PositiveInt | None = Field(description="class-balanced subset; null: all")
+    augment: Augment
+
+
+class Cifar10(DataOption):
+    name: Literal["cifar10"] = "cifar10"
+
+
+class Synthetic(DataOption):
+    name: Literal["synthetic"] = "synthetic"
+
+
+class EvalConfig(Schema):
+    precise_bn_batches: int = Field(
+        ge=0, description="training batches from which Precise BN re-estimates the norm "
+        "layers' statistics before each evaluation (0: off)")
+
+
+class ProbeConfig(Schema):
+    """The ``probe`` group's keys (``configs/probe/default.yaml`` documents each)."""
+
+    enabled: bool
+    batch_size: int = Field(ge=2, description="the fixed probe batch (>= 2)")
+    act_every: Interval
+    hist_every: Interval
+    hist_samples: PositiveInt
+    act_seed: Literal["fixed", "step"]
+    grad_every: Interval
+    ics_every: Interval
+    landscape_every: Interval
+    landscape_range: list[Annotated[float, Field(gt=0)]] = Field(min_length=2, max_length=2)
+    landscape_points: int = Field(ge=2)
+    white_every: Interval = 0
+    bnstats_every: Interval = 0
+    layers: Literal["all"] | list[str]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProbeConfig:
+        if self.hist_every and (not self.act_every or self.hist_every % self.act_every):
+            # histograms are drawn from the activation probe's forward pass
+            raise ValueError(f"hist_every={self.hist_every} must be 0 or a multiple of "
+                             f"act_every={self.act_every}")
+        low, high = self.landscape_range
+        if low >= high:
+            raise ValueError(f"landscape_range={[low, high]} must be [low, high] with "
+                             "low < high (multiples of the base learning rate)")
+        return self
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ``UsageError`` naming the first bad value and what is allowed."""
-    for key, (ok, allowed) in CHECKS.items():
-        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
-            continue  # keys a group option does not have (e.g. conv_dropout for resnet20)
-        value = OmegaConf.select(cfg, key)
-        if not ok(value):
-            raise UsageError(f"{key}={value!r} is invalid: must be {allowed}")
-    if not isinstance(cfg.device, str) or not DEVICE.fullmatch(cfg.device):
-        raise UsageError(f"device={cfg.device!r} is invalid: "
-                         "must be auto, cpu, cuda, cuda:N or mps")
-    from bnlab.probes.config import validate_probe_cfg  # here: probes.config uses is_int
-
-    validate_probe_cfg(cfg.probe)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit device must exist on this machine."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count()
-        index = int(name.partition(":")[2] or 0)
-        if index >= count:
-            raise UsageError(f"device={name} is not available: this machine has {count} CUDA "
-                             "device(s); use device=auto or device=cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device=mps is not available on this machine; use device=auto or cpu")
-    return torch.device(name)
+    """Raise ``UsageError`` naming the first bad value of ``cfg`` and what is allowed."""
+    # (only its own keys: the groups are checked below, and Hydra's node may not resolve yet)
+    check(TrainConfig, OmegaConf.masked_copy(cfg, list(TrainConfig.model_fields)))
+    for group in ("data", "model", "norm", "optim", "sched"):
+        build(group, cfg[group])
+    check(EvalConfig, cfg.eval, "eval")
+    check(ProbeConfig, cfg.probe, "probe")
+    model, norm = build("model", cfg.model), build("norm", cfg.norm)
+    with torch.device("meta"):  # construction errors of the norm in this model's slots
+        model.build(norm)  # type: ignore[attr-defined]

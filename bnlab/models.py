@@ -19,19 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from bnlab import nn as bnn
-from bnlab.errors import UsageError
+from bnlab.registry import Option, load_option
 
 NormFactory = Callable[[int, int], nn.Module]
-"""``factory(num_features, dims)`` returns the module for one norm slot; dims is 1 or 2."""
-
-NORMS = ("custom", "torch", "none", "noisy")
-MODELS = ("cnn", "vgg11", "vgg16", "resnet20")
-INITS = ("kaiming", "xavier", "torch")
+"""``factory(num_features, dims)`` returns the module for one norm slot; dims is 1 or 2; its
+``has_norm`` attribute is False when the slot is empty (the feeding layer then keeps its bias).
+A ``bnlab.norms`` option is such a factory."""
 
 VGG_LAYOUTS = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -47,38 +47,6 @@ class Slot:
 
     layer: str
     norm: str
-
-
-def _norm_classes(name: str) -> tuple[type[nn.Module], type[nn.Module]] | None:
-    """The (1-d, 2-d) norm classes for ``name``; None for ``none``."""
-    if name == "none":
-        return None
-    if name == "torch":
-        return nn.BatchNorm1d, nn.BatchNorm2d
-    if name == "noisy":
-        return bnn.NoisyBatchNorm1d, bnn.NoisyBatchNorm2d
-    return bnn.BatchNorm1d, bnn.BatchNorm2d
-
-
-def norm_factory(name: str, eps: float = 1e-5, momentum: float | None = 0.1,
-                 noise: dict | None = None) -> NormFactory:
-    """A factory for a model's norm slots: ``custom``, ``torch``, ``none`` or ``noisy``."""
-    if name not in NORMS:
-        raise UsageError(f"norm={name!r} is unknown; allowed: {', '.join(NORMS)}")
-    classes = _norm_classes(name)
-
-    def make(num_features: int, dims: int) -> nn.Module:
-        if classes is None:
-            slot: nn.Module = nn.Identity()
-        else:
-            cls = classes[dims - 1]
-            extra = dict(noise or {}) if name == "noisy" else {}
-            slot = cls(num_features, eps=eps, momentum=momentum, **extra)
-        slot.is_norm_slot = True  # marks the slot for find_slots(), even when it is an Identity
-        return slot
-
-    make.has_norm = name != "none"  # type: ignore[attr-defined]
-    return make
 
 
 def _conv_block(cin: int, cout: int, norm: NormFactory) -> list[nn.Module]:
@@ -192,8 +160,6 @@ def init_weights(model: nn.Module, scheme: str) -> None:
     """Initialise conv/linear weights: ``kaiming`` (He et al. 2015: fan-in, so the forward
     signal keeps its scale through ReLU layers even without a norm),
     ``xavier`` (Glorot & Bengio 2010), or ``torch`` (PyTorch's defaults, left untouched)."""
-    if scheme not in INITS:
-        raise UsageError(f"model.init={scheme!r} is unknown; allowed: {', '.join(INITS)}")
     if scheme == "torch":
         return
     for m in model.modules():
@@ -217,15 +183,79 @@ def find_slots(model: nn.Module) -> list[Slot]:
     return slots
 
 
-def build_model(name: str, norm: NormFactory, init: str = "kaiming", **kwargs) -> nn.Module:
-    """Build a model by config name; ``kwargs`` are the builder's own options."""
-    if name not in MODELS:
-        raise UsageError(f"model={name!r} is unknown; allowed: {', '.join(MODELS)}")
-    if name == "cnn":
-        model: nn.Module = cnn(norm, **kwargs)
-    elif name.startswith("vgg"):
-        model = vgg(name, norm, **kwargs)
-    else:
-        model = ResNet(norm, **kwargs)
-    init_weights(model, init)
-    return model
+Dropout = Annotated[float, Field(ge=0, lt=1, description="dropout rate, in [0, 1)")]
+
+
+class ModelOption(Option):
+    """Base of the ``model`` options: ``build(norm)`` makes the model with its norm slots filled
+    by ``norm`` and its weights initialized by ``init``."""
+
+    group: ClassVar[str] = "model"
+    init: Literal["kaiming", "xavier", "torch"] = Field(
+        description="weight init: kaiming (He, fan-in), xavier (Glorot), torch (defaults)")
+    dropout: Dropout
+
+    def build(self, norm: NormFactory, num_classes: int = 10) -> nn.Module:
+        model = self.make(norm, num_classes)
+        init_weights(model, self.init)
+        return model
+
+    def make(self, norm: NormFactory, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+
+class CNN(ModelOption):
+    """A small CIFAR CNN: stages of ``depth`` conv slots, 2×2 max-pooling after each stage, one
+    hidden linear slot and the classifier."""
+
+    name: Literal["cnn"] = "cnn"
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1, max_length=5, description="width of each stage (1 to 5 stages)")
+    depth: int = Field(ge=1, description="conv slots per stage")
+    hidden: int = Field(ge=1, description="width of the hidden linear slot")
+    conv_dropout: Dropout
+
+    def make(self, norm: NormFactory, num_classes: int) -> nn.Module:
+        return cnn(norm, self.channels, self.depth, self.hidden, self.dropout, self.conv_dropout,
+                   num_classes)
+
+
+class VGGOption(ModelOption):
+    """VGG-11/16 for 32×32 inputs."""
+
+    hidden: int = Field(ge=1, description="width of the two hidden linear slots")
+    conv_dropout: Dropout
+
+    def make(self, norm: NormFactory, num_classes: int) -> nn.Module:
+        return vgg(self.name, norm, self.dropout, self.conv_dropout, self.hidden, num_classes)
+
+
+class VGG11(VGGOption):
+    name: Literal["vgg11"] = "vgg11"
+
+
+class VGG16(VGGOption):
+    name: Literal["vgg16"] = "vgg16"
+
+
+class ResNet20(ModelOption):
+    """ResNet-20 for CIFAR-10 (He et al. 2016): 3 stages × ``blocks`` basic blocks."""
+
+    name: Literal["resnet20"] = "resnet20"
+    blocks: int = Field(ge=1, description="basic blocks per stage")
+    width: int = Field(ge=1, description="channels of the first stage (doubling per stage)")
+
+    def make(self, norm: NormFactory, num_classes: int) -> nn.Module:
+        return ResNet(norm, self.blocks, self.width, self.dropout, num_classes)
+
+
+def norm_factory(name: str, **overrides: object) -> NormFactory:
+    """The ``norm`` option ``name`` with its config file's defaults and ``overrides``."""
+    return load_option("norm", name, **overrides)  # type: ignore[return-value]
+
+
+def build_model(name: str, norm: NormFactory, **overrides: object) -> nn.Module:
+    """The ``model`` option ``name`` (config-file defaults, ``overrides``) built with ``norm``."""
+    option = load_option("model", name, **overrides)
+    assert isinstance(option, ModelOption)
+    return option.build(norm)

@@ -1,4 +1,4 @@
-"""The one writer of a run's outputs: TensorBoard scalars, histograms, hparams, and JSON files.
+"""The writer of a run's TensorBoard events: scalars, histograms, hparams.
 
 Scalars arrive as floats or 0-d device tensors and are buffered; ``flush()`` moves all buffered
 tensors to the host in one transfer, so on a GPU the training step never waits for the logger.
@@ -6,33 +6,14 @@ tensors to the host in one transfer, so on a GPU the training step never waits f
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically: a reader (or a crash) sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tracker:
@@ -81,9 +62,14 @@ class Tracker:
     def hparams(self, params: Mapping[str, object], metrics: Mapping[str, float],
                 step: int) -> None:
         """The HParams dashboard entry, written into this run's own log dir (SummaryWriter's
-        add_hparams would make a sub-run dir instead)."""
-        for summary in hparams(dict(params), dict(metrics)):
-            self.writer.file_writer.add_summary(summary)
+        add_hparams would make a sub-run dir instead), with an explicit experiment config: the
+        columns in the order of ``params`` (what a user compares first, first) and the metrics,
+        rather than whatever order TensorBoard infers across runs."""
+        values = {k: "null" if v is None else v for k, v in params.items()}
+        config = hp.hparams_config_pb(hparams=[hp.HParam(k) for k in values],
+                                      metrics=[hp.Metric(tag) for tag in metrics])
+        self.writer.file_writer.add_summary(config)
+        self.writer.file_writer.add_summary(hp.hparams_pb(values))
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()

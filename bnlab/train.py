@@ -8,208 +8,57 @@ every ``log_every`` steps one host sync (loss log, divergence check, progress) â
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
-import json
 import logging
 import math
 import os
-import resource
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils import deterministic
 
 from bnlab import data as datasets
-from bnlab.config import pick_device, validate
+from bnlab import registry
+from bnlab.config import validate
 from bnlab.errors import UsageError
-from bnlab.models import build_model, find_slots, norm_factory
-from bnlab.tracking import Tracker, write_json
+from bnlab.models import find_slots
+from bnlab.rundir import (
+    CHECKPOINT,
+    METRICS,
+    check_run_dir,
+    clear_run_outputs,
+    run_dir_lock,
+    summary_config,
+    write_atomic,
+    write_json,
+)
+from bnlab.runtime import compile_model, memory_format, peak_rss_mb, pick_device
+from bnlab.tracking import Tracker
 
 if TYPE_CHECKING:
     from bnlab.probes import Measurements, Probes
 
 log = logging.getLogger(__name__)
 
-FINISHED = ("completed", "diverged")
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
-LOCK = ".bnlab.lock"  # held (flock) while a process trains in the run dir
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-# -- run dir bookkeeping -----------------------------------------------------------------------
-
-
-def read_metrics(run_dir: Path) -> dict | None:
-    path = run_dir / METRICS
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict | None:
-    """Refuse to start over a run dir that holds a run, unless told to resume or overwrite.
-    Returns the finished run's metrics when ``resume`` should just skip it."""
-    metrics = read_metrics(run_dir)
-    if metrics is None or overwrite:
-        return None
-    status = metrics.get("status")
-    if status in FINISHED:
-        if resume:
-            return metrics
-        raise UsageError(f"{run_dir} already holds a finished run (status {status}); pass "
-                         "resume=true to keep it or overwrite=true to start over")
-    if not resume:
-        raise UsageError(f"{run_dir} holds an unfinished run (status {status}); pass "
-                         "resume=true to continue it or overwrite=true to start over")
-    return None
-
-
-@contextlib.contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``run_dir`` for the whole run: two processes in one run dir (a
-    sweep launched again while the first still runs) would interleave checkpoints, metrics and
-    event files. The OS drops the lock when the process ends, however it ends."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"{run_dir} is in use by another bnlab process; wait for it to "
-                             "finish or choose another run dir") from None
-        except OSError as e:  # a filesystem without locks (some network mounts)
-            log.warning("cannot lock %s (%s): not guarded against a second process", run_dir,
-                        e.strerror)
-        yield
-
-
-def clear_run_outputs(run_dir: Path) -> None:
-    """``overwrite=true``: remove the old run's outputs (not Hydra's fresh .hydra/ files)."""
-    for path in [*run_dir.glob("events.out.tfevents.*"), run_dir / CHECKPOINT, run_dir / METRICS]:
-        path.unlink(missing_ok=True)
 
 
 # -- building blocks ---------------------------------------------------------------------------
 
 
-def make_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.momentum, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
-
-
-def lr_factor(cfg: DictConfig, step: int, total: int, per_epoch: int) -> float:
-    """Multiplier of the base lr for optimizer step ``step`` (0-based) out of ``total``.
-    A pure function of the step, so a resumed run needs no scheduler state."""
-    warmup = round(cfg.warmup_epochs * per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if cfg.name == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.name == "step":
-        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
-    return 1.0
-
-
-def model_kwargs(cfg: DictConfig) -> dict:
-    kwargs = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(kwargs, dict)
-    return {k: v for k, v in kwargs.items() if k not in ("name", "init")}
-
-
 def build(cfg: DictConfig, device: torch.device, fmt: torch.memory_format) -> nn.Module:
-    norm = norm_factory(cfg.norm.name, eps=cfg.norm.eps, momentum=cfg.norm.momentum,
-                        noise=cfg.norm.get("noise"))
-    model = build_model(cfg.model.name, norm, init=cfg.model.init, **model_kwargs(cfg.model))
+    """The model of ``cfg.model`` with ``cfg.norm`` in its slots, on ``device``, layout ``fmt``."""
+    model = registry.build("model", cfg.model).build(registry.build("norm", cfg.norm))
     return model.to(device=device, memory_format=fmt)
-
-
-def compile_model(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``torch.compile`` of ``model`` (``compile=true``). On CPU, random numbers come from ATen's
-    generators (Inductor's ``fallback_random``): Inductor's own CPU random kernels made a
-    compiled noisy-BN cnn step 2x slower than eager, ATen's make it faster, and compiled runs
-    then draw exactly the noise and dropout masks of eager ones (docs/benchmarks.md)."""
-    return torch.compile(model, options={"fallback_random": True} if device.type == "cpu" else None)
-
-
-def memory_format(cfg: DictConfig, device: torch.device) -> torch.memory_format:
-    """The layout of conv weights and batches. ``auto`` is NHWC on CPU, where every model trained
-    faster with it (CPU max-pooling in NCHW alone took 16% of a cnn step; docs/benchmarks.md),
-    and on CUDA with ``amp`` (tensor-core convs want NHWC); NCHW elsewhere."""
-    nhwc = cfg.channels_last
-    if nhwc == "auto":
-        nhwc = device.type == "cpu" or (device.type == "cuda" and cfg.amp)
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
-def setup_torch(cfg: DictConfig) -> None:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:  # cuBLAS is deterministic only with this (read when CUDA starts)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
-    # Deterministic mode also fills every new tensor with NaN (a guard against reads of
-    # uninitialized memory): ~25M extra element writes, ~10% of a CPU step of model=cnn, and
-    # no op here reads such memory (weights are bit-identical with and without the fill).
-    deterministic.fill_uninitialized_memory = False
-    torch.backends.cudnn.benchmark = not cfg.deterministic
-    torch.manual_seed(cfg.seed)
-    keep_freed_memory()
-
-
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_",
-              "GLIBC_TUNABLES")
-
-
-def keep_freed_memory() -> None:
-    """Let glibc's malloc reuse the memory of freed activations instead of handing it back to
-    the OS and faulting it in again at the next step. By default a block at or above the
-    (dynamic) mmap threshold gets fresh pages and the heap top is trimmed past the trim
-    threshold; with a CPU step's multi-megabyte tensors that is ~10k page faults per step, 12%
-    of a ``model=cnn`` step here, for no gain in peak RSS. The threshold cannot go above
-    32 MiB, and a (128, 64, 32, 32) float32 activation (VGG's first stage) is just above it,
-    so mmap is switched off for blocks the heap can hold (each such block was 8k page faults;
-    glibc still mmaps what a thread's arena cannot hold). Setting any of
-    ``MALLOC_ENV`` leaves malloc as the user configured it;
-    ``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` (a default value) keeps glibc's default
-    behaviour."""
-    if not sys.platform.startswith("linux") or any(k in os.environ for k in MALLOC_ENV):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc-like
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    mallopt(m_mmap_max, 0)  # large blocks come from the heap too (the mmap threshold is moot)
-    mallopt(m_trim_threshold, 512 << 20)
-
-
-def summary_config(cfg: DictConfig) -> dict:
-    """The resolved values a comparison needs, flat, under stable names."""
-    return {
-        "norm": cfg.norm.name, "model": cfg.model.name, "lr": cfg.optim.lr,
-        "dropout": cfg.model.get("dropout", 0.0), "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "epochs": cfg.epochs, "optimizer": cfg.optim.name, "momentum": cfg.optim.momentum,
-        "weight_decay": cfg.optim.weight_decay, "sched": cfg.sched.name, "data": cfg.data.name,
-    }
 
 
 @contextlib.contextmanager
@@ -235,18 +84,6 @@ def stop_on_signals() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a kill at any moment leaves the previous checkpoint intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".checkpoint.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -258,20 +95,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. On Linux from VmHWM: ``ru_maxrss`` also counts the
-    parent's resident memory at fork (a launcher's, a benchmark's) when that was larger."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, else KiB
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -299,7 +122,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.device = pick_device(cfg.device)
-        setup_torch(cfg)
+        torch.manual_seed(cfg.seed)
         self.data = datasets.load(cfg.data, self.device, cfg.seed)
         self.per_epoch = datasets.steps_per_epoch(self.data, cfg.batch_size)
         if self.per_epoch == 0:
@@ -310,7 +133,8 @@ class Trainer:
         self.memory_format = memory_format(cfg, self.device)
         self.model = build(cfg, self.device, self.memory_format)
         self.forward = compile_model(self.model, self.device) if cfg.compile else self.model
-        self.optimizer = make_optimizer(cfg.optim, self.model)
+        self.optimizer = registry.build("optim", cfg.optim).build(self.model.parameters())
+        self.schedule = registry.build("sched", cfg.sched)
         self.probes = self._make_probes()
         self.state = RunState()
         self.losses: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # since the last sync
@@ -320,6 +144,10 @@ class Trainer:
             return None
         from bnlab.probes import Probes  # probe code is loaded only when probing
 
+        for key, every in self.cfg.probe.items():
+            if key.endswith("_every") and every > self.total_steps:
+                log.warning("probe.%s=%d is longer than this run (%d steps): %s is not measured",
+                            key, every, self.total_steps, key.removesuffix("_every"))
         batch = datasets.probe_batch(self.data, self.cfg.probe.batch_size)
         return Probes(self.cfg.probe, self.model, self.optimizer, F.cross_entropy, batch,
                       find_slots(self.model))
@@ -346,9 +174,12 @@ class Trainer:
 
     # -- steps
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (1-based)."""
+        return self.schedule.lr(self.cfg.optim.lr, step - 1, self.total_steps, self.per_epoch)
+
     def set_lr(self) -> float:
-        lr = self.cfg.optim.lr * lr_factor(self.cfg.sched, self.state.step, self.total_steps,
-                                           self.per_epoch)
+        lr = self.lr_at(self.state.step + 1)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -428,6 +259,7 @@ class Trainer:
             "final_train_loss": last.get("train_loss"),
             "final_train_acc": last.get("train_acc"),
             "diverged": diverged, "diverged_step": s.diverged_step,
+            "lr_at_divergence": self.lr_at(s.diverged_step) if diverged else None,
             "epochs_completed": s.epoch, "steps": s.step,
             "wall_time_s": round(s.wall_time_s, 3),
             "images_per_s": round(seen / s.train_time_s, 1) if s.train_time_s else None,
@@ -493,7 +325,8 @@ class Trainer:
 
     def save(self, tracker: Tracker, status: str) -> dict:
         tracker.flush()
-        save_checkpoint(self.run_dir / CHECKPOINT, self.checkpoint())
+        state = self.checkpoint()
+        write_atomic(self.run_dir / CHECKPOINT, lambda f: torch.save(state, f))
         metrics = self.metrics(status)
         write_json(self.run_dir / METRICS, metrics)
         return metrics
@@ -513,18 +346,20 @@ def progress_bar(cfg: DictConfig) -> Progress | None:
 
 
 def hparams(trainer: Trainer, tracker: Tracker, metrics: dict) -> None:
-    params = {k: ("null" if v is None else v) for k, v in summary_config(trainer.cfg).items()}
     values = {"hparam/final_test_acc": metrics["final_test_acc"],
               "hparam/best_test_acc": metrics["best_test_acc"],
               "hparam/diverged": float(metrics["diverged"])}
-    tracker.hparams(params, {k: float("nan") if v is None else v for k, v in values.items()},
+    tracker.hparams(summary_config(trainer.cfg),
+                    {k: float("nan") if v is None else v for k, v in values.items()},
                     trainer.state.step)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train one run in ``run_dir`` and return its metrics (also written to metrics.json)."""
+def run(cfg: DictConfig, run_dir: Path, locked: bool = False) -> dict:
+    """Train one run in ``run_dir`` and return its metrics (also written to metrics.json).
+    The run holds the run dir's lock to its end; ``locked``: the caller already holds it (the
+    CLI takes it before Hydra writes ``.hydra/``)."""
     validate(cfg)
-    with run_dir_lock(run_dir):
+    with contextlib.nullcontext() if locked else run_dir_lock(run_dir):
         return _run_locked(cfg, run_dir)
 
 
@@ -533,7 +368,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path) -> dict:
     if finished is not None:
         log.info("%s already finished (status %s): skipping", run_dir, finished["status"])
         return finished
-    if cfg.overwrite:
+    if cfg.overwrite and not cfg.resume:
         clear_run_outputs(run_dir)
     trainer = Trainer(cfg, run_dir)
     ckpt = run_dir / CHECKPOINT

@@ -3,7 +3,7 @@
 For each model (cnn, vgg11, vgg16, resnet20) and norm (custom, torch, none, noisy), built with
 ``bnlab.models.build_model`` exactly as ``bnlab train`` builds it, in the layout its
 ``channels_last=auto`` picks on CPU (NHWC; ``--memory-format contiguous`` for NCHW), an eager
-model and a compiled copy (``bnlab.train.compile_model``, what ``bnlab train compile=true`` runs:
+model and a compiled copy (``bnlab.runtime.compile_model``, what ``bnlab train compile=true`` runs:
 ``torch.compile`` with the default Inductor backend, ATen's random numbers on CPU) are:
 
 1. checked on one fixed batch: training-mode output, loss, every parameter gradient and the
@@ -67,8 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import FORMATS, make_model
 
-from bnlab.models import MODELS, NORMS
-from bnlab.train import compile_model, keep_freed_memory
+from bnlab.registry import option_names
+from bnlab.runtime import compile_model, keep_freed_memory
 
 
 @dataclass
@@ -222,8 +222,9 @@ def end_to_end() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="model=cnn only, fewer rounds")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=None)
-    parser.add_argument("--norms", nargs="+", choices=NORMS, default=list(NORMS))
+    parser.add_argument("--models", nargs="+", choices=option_names("model"), default=None)
+    parser.add_argument("--norms", nargs="+", choices=option_names("norm"),
+                        default=option_names("norm"))
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
@@ -234,7 +235,7 @@ def main() -> None:
                              "picks on CPU)")
     parser.add_argument("--no-end-to-end", action="store_true")
     args = parser.parse_args()
-    args.models = args.models or (["cnn"] if args.quick else list(MODELS))
+    args.models = args.models or (["cnn"] if args.quick else option_names("model"))
     args.rounds = args.rounds or (3 if args.quick else 7)
     torch.set_num_threads(args.threads)
     keep_freed_memory()

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnlab.nn import BatchNorm2d, MaxPool2d
-from bnlab.train import keep_freed_memory
+from bnlab.runtime import keep_freed_memory
 
 SHAPE = (128, 32, 32, 32)
 

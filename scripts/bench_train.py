@@ -29,7 +29,7 @@ rotating order; the report gives the median images/s per side and the median of 
 ratios. A second table times the data path alone (one epoch of batches, no model).
 
 bnlab sets up glibc malloc (no mmap, a high trim threshold) when a run starts
-(``keep_freed_memory`` in ``bnlab/train.py``); that is process-wide, so after bnlab's warm-up
+(``keep_freed_memory`` in ``bnlab/runtime.py``); that is process-wide, so after bnlab's warm-up
 run every side here runs with it and the table compares the loops and data paths alone. What
 the setting itself buys is measured in fresh ``bnlab train`` processes, with it and with
 glibc's defaults (``GLIBC_TUNABLES=glibc.malloc.tcache_count=7``, a default value, makes bnlab
@@ -270,7 +270,8 @@ def make_model(model: str, norm: str, fmt: torch.memory_format, seed: int = 0,
                noise: dict | None = None) -> nn.Module:
     """A freshly initialized bnlab model in layout ``fmt`` (the seed fixes its weights)."""
     torch.manual_seed(seed)
-    return build_model(model, norm_factory(norm, noise=noise), init="kaiming").to(
+    norm_option = norm_factory(norm, **({"noise": noise} if noise else {}))
+    return build_model(model, norm_option, init="kaiming").to(
         memory_format=fmt)
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -12,10 +13,10 @@ import yaml
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bnlab import train
+from bnlab import rundir, train
 from bnlab.cli import app
 from bnlab.errors import UsageError
-from bnlab.train import run_dir_lock
+from bnlab.rundir import run_dir_lock
 from tests.cli import bnlab, metrics, scalars, tiny
 
 METRIC_KEYS = {"status", "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
@@ -82,7 +83,8 @@ def test_a_bad_value_in_any_sweep_job_fails_before_the_first_job_starts(tmp_path
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0] == ("error: sweep job optim.lr=0.003 model.dropout=1.5: model.dropout=1.5 "
-                        "is invalid: must be a number in [0, 1); no job was started")
+                        "is invalid: input should be less than 1; allowed: dropout rate, in "
+                        "[0, 1); no job was started")
     assert not sweep.exists()
 
 
@@ -97,8 +99,8 @@ def test_the_sweep_check_sees_each_job_as_it_will_run(tmp_path, cifar_root, extr
                                    f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
-        "error: sweep job model.dropout=1.5: model.dropout=1.5 is invalid: must be a number in "
-        "[0, 1); no job was started"]
+        "error: sweep job model.dropout=1.5: model.dropout=1.5 is invalid: input should be less "
+        "than 1; allowed: dropout rate, in [0, 1); no job was started"]
     assert not sweep.exists()
 
 
@@ -137,21 +139,26 @@ def finished_run(tmp_path_factory, cifar_root) -> Path:
 BAD_INPUTS = [
     (["norm=batch"], r"Could not find 'norm/batch'.*Available options in 'norm':.*custom"),
     (["optim.lrr=0.1"], r"Could not override 'optim.lrr'"),
-    (["optim.lr=abc"], r"optim.lr='abc' is invalid: must be a number > 0"),
-    (["optim.lr=0"], r"optim.lr=0 is invalid: must be a number > 0"),
-    (["model.dropout=1.0"], r"model.dropout=1.0 is invalid: must be a number in \[0, 1\)"),
+    (["optim.lr=abc"], r"optim.lr='abc' is invalid: input should be a valid number; .*> 0"),
+    (["optim.lr=0"], r"optim.lr=0 is invalid: input should be greater than 0"),
+    (["model.dropout=1.0"], r"model.dropout=1.0 is invalid: input should be less than 1"),
     (["model.dropout=-0.1"], r"model.dropout=-0.1 is invalid"),
-    (["batch_size=0"], r"batch_size=0 is invalid: must be an integer > 1"),
-    (["epochs=0"], r"epochs=0 is invalid: must be an integer > 0"),
-    (["epochs=2.5"], r"epochs=2.5 is invalid: must be an integer > 0"),
-    (["device=tpu"], r"device='tpu' is invalid: must be auto, cpu, cuda, cuda:N or mps"),
+    (["batch_size=0"], r"batch_size=0 is invalid: input should be greater than or equal to 2"),
+    (["epochs=0"], r"epochs=0 is invalid: input should be greater than or equal to 1"),
+    (["epochs=2.5"], r"epochs=2.5 is invalid: input should be a valid integer"),
+    (["device=tpu"], r"device='tpu' is invalid: .*allowed: auto, cpu, cuda, cuda:N or mps"),
     (["device=cuda:3"], r"device=cuda:3 is not available"),
     (["data.root=/no/such/dir"], r"CIFAR-10 not found: looked for /no/such/dir"),
     (["optim.lr=["], r"no viable alternative at input"),
     (["resume=/no/such/run"], r"resume=/no/such/run: not a run dir"),
-    (["probe.act_every=-5"], r"probe.act_every=-5 is invalid: must be an integer >= 0"),
-    (["channels_last=nhwc"], r"channels_last='nhwc' is invalid: must be auto, true or false"),
-    (["probe.act_seed=random"], r"probe.act_seed='random' is invalid: must be fixed or step"),
+    (["probe.act_every=-5"], r"probe.act_every=-5 is invalid: input should be greater than or eq"),
+    (["channels_last=nhwc"], r"channels_last='nhwc' is invalid: .*'auto' or .* a valid boolean"),
+    (["probe.act_seed=random"], r"probe.act_seed='random' is invalid: input should be 'fixed' or"),
+    (["optim=adam", "optim.beta2=1.5"], r"optim.beta2=1.5 is invalid: input should be less than 1"),
+    (["optim.lr=inf"], r"optim.lr=inf is invalid: input should be a finite number"),
+    (["sched=step", "sched.milestones=[2]"], r"sched.milestones=\[2\] is invalid \(item 0\)"),
+    (["resume=true", "overwrite=true"], r"resume=true and overwrite=true contradict"),
+    (["norm=group", "norm.num_groups=3"], r"norm.num_groups=3 does not divide a norm slot of 4"),
 ]
 
 
@@ -176,7 +183,7 @@ def test_a_run_dir_in_use_by_another_process_is_refused_untouched(cifar_root, fi
     one line before Hydra rewrites .hydra/, and the lock goes with its holder."""
     monkeypatch.chdir(finished_run.parent)
     before = digest(finished_run)
-    args = ["train", *tiny(cifar_root, "probe=off", "resume=true", "overwrite=true",
+    args = ["train", *tiny(cifar_root, "probe=off", "overwrite=true",
                            f"hydra.run.dir={finished_run}")]
     with run_dir_lock(finished_run):  # another process holds the dir
         r = CliRunner().invoke(app, args)
@@ -195,7 +202,7 @@ def test_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog
     def no_locks(fd: object, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(train.fcntl, "flock", no_locks)
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
     with run_dir_lock(tmp_path / "run"):
         pass
     assert "not guarded against a second process" in caplog.text
@@ -204,7 +211,8 @@ def test_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog
 def test_bad_input_from_the_console_has_no_traceback(tmp_path, cifar_root):
     r = bnlab("train", *tiny(cifar_root, "probe=off", "optim.lr=-1"), cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr == "error: optim.lr=-1 is invalid: must be a number > 0\n"
+    assert r.stderr == ("error: optim.lr=-1 is invalid: input should be greater than 0; "
+                        "allowed: learning rate (a finite number > 0)\n")
     assert not (tmp_path / "outputs").exists()
 
 
@@ -251,3 +259,83 @@ def test_hydra_full_error_shows_the_traceback(tmp_path, cifar_root):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     r = bnlab("train", *tiny(cifar_root, "probe=off", "optim.lr=-1"), cwd=tmp_path, env=env)
     assert r.returncode != 0 and "Traceback" in r.stderr and "optim.lr=-1" in r.stderr
+
+
+def test_the_run_dir_lock_is_held_from_the_check_through_the_run(tmp_path, cifar_root,
+                                                                monkeypatch):
+    """The check that the dir is free and the run itself hold one lock, taken before Hydra writes
+    .hydra/: a second launch cannot slip in between and rewrite it."""
+    import hydra.core.utils
+
+    run_dir = tmp_path / "run"
+    held_when: dict[str, bool] = {}
+
+    def is_locked() -> bool:
+        with open(run_dir / rundir.LOCK, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    save_config, real_run = hydra.core.utils._save_config, train.run
+
+    def saving(cfg, filename, output_dir):
+        held_when[f"writing {filename}"] = is_locked()
+        return save_config(cfg, filename, output_dir)
+
+    def running(*args, **kwargs):
+        held_when["training"] = is_locked()
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(hydra.core.utils, "_save_config", saving)
+    monkeypatch.setattr(train, "run", running)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train", *tiny(cifar_root, "probe=off", "epochs=1"),
+                                 f"hydra.run.dir={run_dir}"])
+    assert r.exit_code == 0, r.output
+    assert held_when == {"writing config.yaml": True, "writing hydra.yaml": True,
+                         "writing overrides.yaml": True, "training": True}
+    assert not is_locked()  # released at the end
+
+
+def test_a_run_ends_with_a_summary_of_where_it_went(tmp_path, cifar_root):
+    run_dir = tmp_path / "run"
+    r = bnlab("train", *tiny(cifar_root, "probe=full", "epochs=1", f"hydra.run.dir={run_dir}"),
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = metrics(run_dir)
+    out = r.stdout.splitlines()
+    assert f"completed: test acc {m['final_test_acc']:.4f} (best {m['best_test_acc']:.4f}), " \
+           f"{m['wall_time_s']:.1f} s, run dir {run_dir}" in out
+    assert any(f"tensorboard --logdir {run_dir}" in line and f"bnlab plot {run_dir}" in line
+               for line in out)
+    # probe=full measures ICS every 100 steps; this run has 10: said once, at the start.
+    assert r.stdout.count("probe.ics_every=100 is longer than this run (10 steps)") == 1
+
+
+def test_a_sweep_ends_with_the_compare_command(tmp_path, cifar_root):
+    sweep = tmp_path / "sweep"
+    r = bnlab("train", "-m", *tiny(cifar_root, "probe=off", "epochs=1", "seed=0,1",
+                                   f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"compare: bnlab compare {sweep}" in r.stdout
+
+
+def test_hparams_columns_start_with_what_users_compare(tmp_path, cifar_root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir = tmp_path / "run"
+    r = bnlab("train", *tiny(cifar_root, "probe=off", "epochs=1", f"hydra.run.dir={run_dir}"),
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+    names = [h.name for h in experiment.hparam_infos]
+    assert names[:4] == ["norm", "lr", "dropout", "batch_size"]
+    assert [m.name.tag for m in experiment.metric_infos] == [
+        "hparam/final_test_acc", "hparam/best_test_acc", "hparam/diverged"]

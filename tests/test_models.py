@@ -12,22 +12,23 @@ from torch import nn
 
 from bnlab import nn as bnn
 from bnlab.errors import UsageError
-from bnlab.models import MODELS, build_model, find_slots, norm_factory
-from bnlab.train import MALLOC_ENV, memory_format
+from bnlab.models import build_model, find_slots, norm_factory
+from bnlab.registry import option_names
+from bnlab.runtime import MALLOC_ENV, memory_format
 
 TINY = {"cnn": {"channels": [4, 8], "hidden": 16}, "vgg11": {"hidden": 16},
         "vgg16": {"hidden": 16}, "resnet20": {"width": 4, "blocks": 1}}
 SLOTS = {"cnn": 3, "vgg11": 10, "vgg16": 15, "resnet20": 1 + 3 * 2 + 2}
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", option_names("model"))
 @pytest.mark.parametrize("norm", ["torch", "none"])
 def test_every_model_classifies_cifar_shaped_input(name, norm):
     model = build_model(name, norm_factory(norm), **TINY[name])
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", option_names("model"))
 def test_norm_slot_sits_between_layer_and_nonlinearity_and_positions_match(name):
     with_bn = build_model(name, norm_factory("torch"), **TINY[name])
     without = build_model(name, norm_factory("none"), **TINY[name])
@@ -79,12 +80,12 @@ def test_init_schemes():
     fan_in = conv.weight[0].numel()
     assert abs(conv.weight.std().item() - (2 / fan_in) ** 0.5) < 0.02
     assert torch.all(conv.bias == 0)
-    with pytest.raises(UsageError, match=r"model.init='he' is unknown; allowed: kaiming"):
+    with pytest.raises(UsageError, match=r"model.init='he' is invalid: input should be 'kaiming'"):
         build_model("cnn", norm_factory("none"), init="he")
 
 
 def test_unknown_names_are_usage_errors():
-    with pytest.raises(UsageError, match=r"norm='batch' is unknown; allowed: custom, torch"):
+    with pytest.raises(UsageError, match=r"norm='batch' is unknown; allowed: custom, dbn, ghost"):
         norm_factory("batch")
     with pytest.raises(UsageError, match=r"model='vgg19' is unknown"):
         build_model("vgg19", norm_factory("none"))
@@ -101,7 +102,7 @@ def test_channels_last_auto_is_nhwc_on_cpu_and_on_cuda_with_amp(setting, device,
 
 MMAPPED_BYTES = """
 import ctypes, torch
-from bnlab.train import keep_freed_memory
+from bnlab.runtime import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

@@ -143,3 +143,46 @@ def test_rerun_sweep_with_resume_skips_finished_and_resumes_unfinished(tmp_path,
     assert "already finished" in r.stdout and "resuming" in r.stdout
     assert (first / "metrics.json").read_bytes() == finished
     assert metrics(second)["status"] == "completed" and metrics(second)["epochs_completed"] == 3
+
+
+def mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def test_a_run_started_with_overwrite_resumes_without_losing_progress(tmp_path, cifar_root,
+                                                                       twin):
+    """A finished run, overwritten by a longer one that is interrupted, then `resume=DIR`: the
+    saved overrides carry overwrite=true, and resuming must continue from the checkpoint (ending
+    as the uninterrupted twin), not delete it and start again."""
+    run_dir = tmp_path / "run"
+    r = bnlab("train", *tiny(cifar_root, "data=synthetic", "epochs=1", f"hydra.run.dir={run_dir}"),
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    old = (run_dir / "checkpoint.pt").stat().st_mtime_ns
+    proc = start(cifar_root, run_dir, "overwrite=true")
+    deadline = time.monotonic() + 90
+    while mtime(run_dir / "checkpoint.pt") in (None, old):  # wait for the new run's first epoch
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    stopped_at = metrics(run_dir)["steps"]
+    assert metrics(run_dir)["status"] == "interrupted" and stopped_at >= STEPS
+    r = bnlab("train", f"resume={run_dir}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {run_dir} at step {stopped_at}" in r.stdout, r.stdout
+    assert_same_run(twin, run_dir)
+
+
+def test_resume_and_overwrite_together_is_an_error(tmp_path, twin):
+    run_dir = unfinished_copy(twin, tmp_path)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    r = bnlab("train", f"resume={run_dir}", "overwrite=true", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("error: resume=true and overwrite=true contradict each other: resume "
+                        "continues the run in its dir, overwrite deletes it; pass one\n")
+    assert (run_dir / "checkpoint.pt").read_bytes() == before

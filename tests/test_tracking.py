@@ -7,7 +7,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bnlab.tracking import Tracker, write_json
+from bnlab.rundir import write_json
+from bnlab.tracking import Tracker
 
 
 def read(run_dir):

@@ -1,0 +1,192 @@
+"""The ``norm`` config group: which layer fills a model's norm slots.
+
+Each class is one option (``norm=<name>``), its schema (the keys of ``configs/norm/<name>.yaml``
+with types and ranges) and the factory of its slot modules: ``option(num_features, dims)``
+returns the module for a slot fed by a conv (``dims=2``) or a hidden linear layer (``dims=1``).
+To add a norm: write the layer in ``bnlab/nn/``, a class here, and a YAML file
+(docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from hydra.utils import get_class
+from pydantic import Field, model_validator
+from torch import nn
+
+from bnlab.errors import UsageError
+from bnlab.registry import Option, Schema
+
+Eps = Annotated[float, Field(gt=0, description="added to the variance (a number > 0)")]
+Momentum = Annotated[float | None, Field(
+    ge=0, le=1, description="moving-average factor of the running statistics, in [0, 1]; "
+    "null: cumulative average")]
+GroupSize = Annotated[int, Field(ge=1, description="channels whitened together (the last group "
+                                 "of a slot may be smaller)")]
+
+
+class NormOption(Option):
+    """Base of the ``norm`` options; ``has_norm`` is False only for ``none`` (the layers before
+    an empty slot keep their bias)."""
+
+    group: ClassVar[str] = "norm"
+    has_norm: ClassVar[bool] = True
+
+    def __call__(self, num_features: int, dims: int) -> nn.Module:
+        slot = self.layer(num_features, dims)
+        slot.is_norm_slot = True  # marks the slot for find_slots(), even when it is an Identity
+        return slot
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        raise NotImplementedError
+
+
+class BatchNormOption(NormOption):
+    """A batch norm with running statistics: ``eps`` and ``momentum`` as in torch."""
+
+    eps: Eps
+    momentum: Momentum
+    classes: ClassVar[tuple[str, str]]  # the (1-d, 2-d) layer classes, as import paths
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        cls = get_class(self.classes[dims - 1])
+        return cls(num_features, eps=self.eps, momentum=self.momentum, **self.layer_kwargs())
+
+    def layer_kwargs(self) -> dict:
+        return {}
+
+
+class Custom(BatchNormOption):
+    """bnlab's from-scratch BatchNorm (``bnlab.nn.BatchNorm1d/2d``, hand-derived backward)."""
+
+    name: Literal["custom"] = "custom"
+    classes = ("bnlab.nn.BatchNorm1d", "bnlab.nn.BatchNorm2d")
+
+
+class Torch(BatchNormOption):
+    """``torch.nn.BatchNorm1d/2d``, the reference implementation."""
+
+    name: Literal["torch"] = "torch"
+    classes = ("torch.nn.BatchNorm1d", "torch.nn.BatchNorm2d")
+
+
+class NoNorm(NormOption):
+    """No normalization: the slot is an identity and the layers before it keep their bias.
+    (``eps``/``momentum`` are kept so that sweeps over norms can set them for every option.)"""
+
+    name: Literal["none"] = "none"
+    eps: Eps
+    momentum: Momentum
+    has_norm = False
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        return nn.Identity()
+
+
+class Noise(Schema):
+    """Santurkar et al. (2018), Sec. 2.1: per layer and step mu_t ~ U(-mean_range, mean_range),
+    sigma_t ~ U(std_range); per activation m ~ U(mu_t ± mean_jitter), s ~ N(sigma_t,
+    std_jitter); a <- s·a + m."""
+
+    mean_range: float = Field(ge=0, description="range of the per-step mean shift")
+    std_range: list[float] = Field(min_length=2, max_length=2, description="[low, high] of "
+                                   "the per-step scale, 0 <= low <= high")
+    mean_jitter: float = Field(ge=0, description="per-activation jitter of the shift")
+    std_jitter: float = Field(ge=0, description="per-activation std of the scale")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Noise:
+        low, high = self.std_range
+        if not 0 <= low <= high:
+            raise ValueError(f"std_range={self.std_range} must be [low, high] with "
+                             "0 <= low <= high")
+        return self
+
+
+class Noisy(BatchNormOption):
+    """Custom BN followed by the noise of Santurkar et al. 2018 (training only)."""
+
+    name: Literal["noisy"] = "noisy"
+    noise: Noise
+    classes = ("bnlab.nn.NoisyBatchNorm1d", "bnlab.nn.NoisyBatchNorm2d")
+
+    def layer_kwargs(self) -> dict:
+        return self.noise.model_dump()
+
+
+class Renorm(BatchNormOption):
+    """Batch Renormalization (Ioffe 2017): BN corrected towards the running statistics by
+    r = clip(σ_B/σ, 1/r_max, r_max) and d = clip((μ_B − μ)/σ, −d_max, d_max)."""
+
+    name: Literal["renorm"] = "renorm"
+    r_max: float = Field(ge=1, description="clip of r (>= 1; 1 with d_max=0 is plain BN)")
+    d_max: float = Field(ge=0, description="clip of d (>= 0)")
+    warmup_steps: int = Field(ge=0, description="steps over which r_max relaxes from 1 and "
+                              "d_max from 0 (the paper's warm-up); 0: none")
+    classes = ("bnlab.nn.BatchRenorm1d", "bnlab.nn.BatchRenorm2d")
+
+    def layer_kwargs(self) -> dict:
+        return {"r_max": self.r_max, "d_max": self.d_max, "warmup_steps": self.warmup_steps}
+
+
+class Ghost(BatchNormOption):
+    """Ghost BN (Hoffer et al. 2017): each chunk of ``virtual_batch_size`` samples is normalized
+    with its own statistics."""
+
+    name: Literal["ghost"] = "ghost"
+    virtual_batch_size: int = Field(ge=2, description="samples per virtual batch (>= 2)")
+    classes = ("bnlab.nn.GhostBatchNorm1d", "bnlab.nn.GhostBatchNorm2d")
+
+    def layer_kwargs(self) -> dict:
+        return {"virtual_batch_size": self.virtual_batch_size}
+
+
+class Group(NormOption):
+    """Group Norm (Wu & He 2018): per sample, over groups of channels; no batch statistics."""
+
+    name: Literal["group"] = "group"
+    eps: Eps
+    num_groups: int = Field(ge=1, description="groups of channels; must divide every slot's "
+                            "channels")
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        if num_features % self.num_groups:
+            raise UsageError(f"norm.num_groups={self.num_groups} does not divide a norm slot of "
+                             f"{num_features} channels; choose a divisor of every slot's width")
+        return get_class("bnlab.nn.GroupNorm")(self.num_groups, num_features, eps=self.eps)
+
+
+class Layer(NormOption):
+    """Layer Norm as used in CNNs: Group Norm with one group (each sample over C, H, W)."""
+
+    name: Literal["layer"] = "layer"
+    eps: Eps
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        return get_class("bnlab.nn.GroupNorm")(1, num_features, eps=self.eps)
+
+
+class Decorrelated(BatchNormOption):
+    """Decorrelated BN (Huang et al. 2018): ZCA whitening of groups of channels."""
+
+    name: Literal["dbn"] = "dbn"
+    group_size: GroupSize
+    whitening: ClassVar[str] = "zca"
+    classes = ("bnlab.nn.DecorrelatedBatchNorm1d",
+               "bnlab.nn.DecorrelatedBatchNorm2d")
+
+    def layer_kwargs(self) -> dict:
+        return {"group_size": self.group_size, "whitening": self.whitening}
+
+
+class IterNorm(Decorrelated):
+    """IterNorm (Huang et al. 2019): whitening by Newton iterations instead of an
+    eigendecomposition."""
+
+    name: Literal["iternorm"] = "iternorm"
+    iterations: int = Field(ge=1, description="Newton iterations (>= 1)")
+    whitening = "iter"
+
+    def layer_kwargs(self) -> dict:
+        return {**super().layer_kwargs(), "iterations": self.iterations}
