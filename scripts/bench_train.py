@@ -75,6 +75,7 @@ sys.path.insert(0, str(REPO))
 
 from bnlab import train  # noqa: E402
 from bnlab.models import build_model, norm_factory  # noqa: E402
+from bnlab.runtime import setup_process  # noqa: E402
 
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "cifar10-subset"
 FOLDER = "cifar-10-batches-py"
@@ -107,7 +108,8 @@ def bnlab_overrides(root: Path, norm: str, threads: int | None,
 
 @contextlib.contextmanager
 def restore_torch_globals() -> Iterator[None]:
-    """bnlab.train sets process-wide torch flags; put torch's defaults back for the other sides."""
+    """``bnlab train`` sets process-wide torch flags (``bnlab.runtime.setup_process``, which the
+    bnlab sides call as the CLI does); put torch's defaults back for the other sides."""
     from torch.utils import deterministic
 
     saved = (torch.are_deterministic_algorithms_enabled(),
@@ -174,6 +176,7 @@ def bnlab_epoch(overrides: list[str], run_dir: Path) -> Sample:
     fit, end = [Clock()], [Clock()]
     with restore_torch_globals(), clocked(train.Trainer, "fit", fit), \
             clocked(train.Trainer, "end_epoch", end):
+        setup_process(cfg)
         metrics = train.run(cfg, run_dir)
     images = metrics["steps"] * cfg.batch_size
     return Sample(float(metrics["images_per_s"]), images / (fit[0] - end[0]).cpu)

@@ -35,6 +35,7 @@ from bench_train import DEFAULT_ROOT, compose, restore_torch_globals
 
 from bnlab import data as datasets
 from bnlab import train
+from bnlab.runtime import setup_process
 from bnlab.tracking import Tracker
 
 REGIONS = ("data", "step", "sync")
@@ -79,6 +80,7 @@ def main() -> None:
     cfg = compose([f"data.root={DEFAULT_ROOT}", "model=cnn", "norm=custom", "probe=off",
                    "epochs=1", "progress=false", *args.overrides])
     with restore_torch_globals(), tempfile.TemporaryDirectory() as run_dir:
+        setup_process(cfg)  # as bnlab train does
         prof = profiled_steps(cfg, Path(run_dir), args.warmup, args.steps)
     events = prof.key_averages()
     regions = {e.key: e.cpu_time_total for e in events if e.key in REGIONS}

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from torch.utils import deterministic
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab.train as train
@@ -57,24 +56,9 @@ class SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def torch_state():
-    """bnlab.train.run sets process-wide torch options; put them back for the other tests."""
-    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark,
-             torch.get_rng_state())
-    yield
-    torch.set_num_threads(saved[0])
-    torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
-    deterministic.fill_uninitialized_memory = saved[3]
-    torch.backends.cudnn.benchmark = saved[4]
-    torch.set_rng_state(saved[5])
-
-
 @pytest.mark.parametrize(("norm", "probe"), [("custom", "full"), ("noisy", "default"),
                                              ("torch", "default")])
-def test_no_host_sync_inside_a_training_step(monkeypatch, tmp_path, cifar_root, torch_state,
+def test_no_host_sync_inside_a_training_step(monkeypatch, tmp_path, cifar_root,
                                              norm, probe):
     recorder = SyncRecorder()
     train_step = train.Trainer.train_step
