@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +31,7 @@ from bnlab import registry
 from bnlab.config import validate
 from bnlab.errors import UsageError
 from bnlab.models import find_slots
+from bnlab.precise_bn import precise_bn_copy
 from bnlab.rundir import (
     CHECKPOINT,
     METRICS,
@@ -233,17 +234,31 @@ class Trainer:
         return loss, acc / n
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
+        """Test loss and accuracy of ``forward`` (the model or a Precise BN copy), eval mode."""
         self.model.eval()
         loss, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         split = self.data.test
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.amp):
             for x, y in datasets.eval_batches(self.data, split, self.cfg.eval_batch_size):
-                out = self.forward(x.contiguous(memory_format=self.memory_format)).float()
+                out = forward(x.contiguous(memory_format=self.memory_format)).float()
                 loss += F.cross_entropy(out, y, reduction="sum")
                 correct += (out.argmax(1) == y).sum()
         self.model.train()
         return loss.item() / len(split), correct.item() / len(split)
+
+    def evaluate_precise_bn(self) -> tuple[float, float]:
+        """Test loss and accuracy with Precise BN: the norm layers' statistics re-estimated from
+        ``eval.precise_bn_batches`` training batches of this epoch, in a copy of the model
+        (the run itself is untouched; batches are drawn without the global RNG)."""
+        batches = datasets.train_batches(self.data, self.cfg.batch_size, self.cfg.seed,
+                                         self.state.epoch, 0, 0, self.cfg.data.augment)
+        inputs = (x.contiguous(memory_format=self.memory_format) for x, _ in batches)
+        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
+                                             enabled=self.cfg.amp):
+            twin = precise_bn_copy(self.model, inputs, self.cfg.eval.precise_bn_batches)
+        twin.eval()
+        return self.evaluate(twin)
 
     # -- outputs
 
@@ -255,6 +270,7 @@ class Trainer:
         return {
             "status": status,
             "final_test_acc": None if diverged else last.get("test_acc"),
+            "final_test_acc_precise_bn": None if diverged else last.get("test_acc_precise_bn"),
             "best_test_acc": s.best_test_acc,
             "final_train_loss": last.get("train_loss"),
             "final_train_acc": last.get("train_acc"),
@@ -270,7 +286,7 @@ class Trainer:
 
     def end_epoch(self, tracker: Tracker) -> None:
         s = self.state
-        test_loss, test_acc = self.evaluate()
+        test_loss, test_acc = self.evaluate(self.forward)
         s.epoch += 1
         s.batch = 0
         s.best_test_acc = max(test_acc, s.best_test_acc or 0.0)
@@ -278,6 +294,11 @@ class Trainer:
                  "train_loss": s.epoch_loss / max(1, s.epoch_seen / self.cfg.batch_size),
                  "train_acc": s.epoch_correct / max(1, s.epoch_seen),
                  "test_loss": test_loss, "test_acc": test_acc}
+        if self.cfg.eval.precise_bn_batches:
+            entry["test_loss_precise_bn"], entry["test_acc_precise_bn"] = \
+                self.evaluate_precise_bn()
+            tracker.scalars({"test/loss_precise_bn": entry["test_loss_precise_bn"],
+                             "test/acc_precise_bn": entry["test_acc_precise_bn"]}, s.step)
         s.history.append(entry)
         s.epoch_loss, s.epoch_correct, s.epoch_seen = 0.0, 0, 0
         tracker.scalars({"test/loss": test_loss, "test/acc": test_acc}, s.step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import copy
 import functools
+import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from bnlab.config import EvalConfig, ProbeConfig, TrainConfig, validate
 from bnlab.errors import UsageError
@@ -100,8 +102,11 @@ def _beyond(bound: object) -> object | None:
 def out_of_range(ann: typing.Any, metadata: list) -> list[object]:
     """Values of the right type just outside each bound of the key's range (through Optional
     and list items)."""
+    # Field(...) inside Annotated keeps its bounds in its own metadata
+    metadata = [b for m in metadata for b in (m.metadata if isinstance(m, FieldInfo) else [m])]
     values = [v for v in map(_beyond, metadata) if v is not None]
-    for arg in typing.get_args(ann):
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    for arg in typing.get_args(ann) if union else ():
         if typing.get_origin(arg) is typing.Annotated:  # Optional[Annotated[...]]
             values += out_of_range(arg.__origin__, list(arg.__metadata__))
     if typing.get_origin(ann) is list:

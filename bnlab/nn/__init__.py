@@ -1,22 +1,48 @@
-"""From-scratch batch normalization layers, noisy BN and model-wide conversion.
+"""Normalization layers written from scratch, and model-wide conversion.
 
-* :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: drop-in replacements for
-  torch's layers with the math (forward and hand-derived backward) written out in Python.
-* :class:`NoisyBatchNorm1d`, :class:`NoisyBatchNorm2d`: the custom BN followed by the
+What lives where:
+
+* ``functional.py``: the shared pieces every layer is built from (per-channel batch statistics,
+  normalize, affine, running-statistics update), plain differentiable tensor ops.
+* ``state.py``: torch's batch-norm module state (parameters, buffers, options, state-dict
+  versioning), apart from any math.
+* ``batchnorm.py``: :class:`BatchNorm1d`/``2d``/``3d``, the reference a reader learns BN from:
+  drop-in replacements for torch's layers with the hand-derived backward;
+  ``batchnorm_fast.py`` is its optional eager CPU fast path (tested against it), and
+  ``compat.py`` torch's dtype and memory-format rules.
+* The zoo: :class:`BatchRenorm1d`/``2d`` (``renorm.py``, Ioffe 2017),
+  :class:`GhostBatchNorm1d`/``2d`` (``ghost.py``, Hoffer et al. 2017), :class:`GroupNorm`
+  (``groupnorm.py``, Wu & He 2018; layer norm is one group),
+  :class:`DecorrelatedBatchNorm1d`/``2d`` (``decorrelated.py``: ZCA whitening, Huang et al.
+  2018, and IterNorm, Huang et al. 2019).
+* :class:`NoisyBatchNorm1d`/``2d`` (``noisy.py``): the custom BN followed by the
   time-varying noise of Santurkar et al. (2018), Sec. 2.1, in training mode.
-* :func:`convert_batchnorm`: swap every batch-norm layer of a model between torch's and ours.
-* :class:`MaxPool2d`: torch's layer, keeping ATen's kernels under ``torch.compile`` on CPU.
+* :func:`convert_batchnorm` (``convert.py``): swap every batch-norm layer of a model between
+  torch's and ours, or put any layer of the zoo into a user's model.
+* :class:`MaxPool2d` (``pooling.py``): torch's layer, keeping ATen's kernels under
+  ``torch.compile`` on CPU.
 """
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.nn.convert import convert_batchnorm
+from bnlab.nn.decorrelated import DecorrelatedBatchNorm1d, DecorrelatedBatchNorm2d
+from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
+from bnlab.nn.groupnorm import GroupNorm
 from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
 from bnlab.nn.pooling import MaxPool2d
+from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "DecorrelatedBatchNorm1d",
+    "DecorrelatedBatchNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GroupNorm",
     "MaxPool2d",
     "NoisyBatchNorm1d",
     "NoisyBatchNorm2d",
