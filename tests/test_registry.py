@@ -211,3 +211,18 @@ def test_bad_zoo_values_from_the_command_line(tmp_path, args, key):
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {key}="), r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_readme_configuration_table_lists_every_option_and_key():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines()
+            if line.startswith("| `")}
+    for group in GROUPS:
+        for name, cls in REGISTRY[group].items():
+            assert f"`{name}`" in rows[group], (group, name)
+            for key in cls.model_fields:
+                if key != "name":
+                    assert f"`{key}" in rows[group], (group, name, key)
+    for key in ProbeConfig.model_fields:
+        assert f"`{key}`" in rows["probe"] or key in ("enabled", "hist_samples",
+                                                     "landscape_range", "landscape_points"), key
