@@ -17,14 +17,14 @@ What lives where:
   2018, and IterNorm, Huang et al. 2019).
 * :class:`NoisyBatchNorm1d`/``2d`` (``noisy.py``): the custom BN followed by the
   time-varying noise of Santurkar et al. (2018), Sec. 2.1, in training mode.
-* :func:`convert_batchnorm` (``convert.py``): swap every batch-norm layer of a model between
-  torch's and ours, or put any layer of the zoo into a user's model.
+* :func:`convert_batchnorm`, :func:`replace_batchnorm` (``convert.py``): swap every batch-norm
+  layer of a model between torch's and ours, or replace it by any layer of the zoo.
 * :class:`MaxPool2d` (``pooling.py``): torch's layer, keeping ATen's kernels under
   ``torch.compile`` on CPU.
 """
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from bnlab.nn.convert import convert_batchnorm
+from bnlab.nn.convert import convert_batchnorm, replace_batchnorm
 from bnlab.nn.decorrelated import DecorrelatedBatchNorm1d, DecorrelatedBatchNorm2d
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn.groupnorm import GroupNorm
@@ -47,4 +47,5 @@ __all__ = [
     "NoisyBatchNorm1d",
     "NoisyBatchNorm2d",
     "convert_batchnorm",
+    "replace_batchnorm",
 ]

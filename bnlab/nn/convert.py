@@ -1,14 +1,16 @@
-"""Swap every batch-norm layer of a model between torch's implementation and ours."""
+"""Swap every batch-norm layer of a model between torch's implementation and ours
+(:func:`convert_batchnorm`), or replace it by any layer of the zoo (:func:`replace_batchnorm`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from torch import nn
 
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
-__all__ = ["convert_batchnorm"]
+__all__ = ["convert_batchnorm", "replace_batchnorm"]
 
 _ALLOWED = ("custom", "torch")
 
@@ -63,20 +65,19 @@ def _swap(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
 
 def _convert(
     module: nn.Module,
-    mapping: dict[type[nn.Module], type[nn.Module]],
+    replace: Callable[[nn.Module], nn.Module | None],
     memo: dict[int, nn.Module],
 ) -> nn.Module:
     # The memo keeps a layer that appears several times in the model (weight sharing) as one
     # shared layer after conversion.
     if id(module) in memo:
         return memo[id(module)]
-    new_cls = mapping.get(type(module))
-    out = _swap(module, new_cls) if new_cls is not None else module
+    out = replace(module) or module
     memo[id(module)] = out
     # _modules rather than named_children(): the latter skips repeated (shared) children.
     for name, child in list(module._modules.items()):
         if child is not None:
-            out.add_module(name, _convert(child, mapping, memo))
+            out.add_module(name, _convert(child, replace, memo))
     return out
 
 
@@ -114,4 +115,46 @@ def convert_batchnorm(module: nn.Module, to: Literal["custom", "torch"] = "custo
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(module).__name__}")
     mapping = _TO_CUSTOM if to == "custom" else _TO_TORCH
-    return _convert(module, mapping, {})
+
+    def swap(old: nn.Module) -> nn.Module | None:
+        new_cls = mapping.get(type(old))
+        return None if new_cls is None else _swap(old, new_cls)
+
+    return _convert(module, swap, {})
+
+
+# The batch-norm classes replace_batchnorm replaces, with the dims passed to the factory.
+_DIMS: dict[type[nn.Module], int] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, BatchNorm1d: 1,
+                                     BatchNorm2d: 2}
+
+
+def replace_batchnorm(module: nn.Module, factory: Callable[[int, int], nn.Module]) -> nn.Module:
+    """Replace every 1-d/2-d batch-norm layer of ``module`` (torch's or ours, exact classes) by
+    ``factory(num_features, dims)``: any layer of the zoo, e.g. a ``bnlab.norms`` option::
+
+        from bnlab.registry import load_option
+        model = replace_batchnorm(torchvision.models.resnet18(), load_option("norm", "renorm"))
+        model = replace_batchnorm(model, lambda c, dims: bnlab.nn.GroupNorm(8, c))
+
+    The new layer is built on the old one's device and dtype, in its training mode, and gets the
+    old one's tensors that it has under the same name and shape (γ, β, and for Batch Renorm and
+    Ghost BN the running statistics too; Decorrelated BN keeps its identity whitening). Children
+    are replaced in place and the (possibly new) root is returned, as in
+    :func:`convert_batchnorm`. Uninitialized lazy layers and BatchNorm3d are left alone.
+    """
+
+    def swap(old: nn.Module) -> nn.Module | None:
+        dims = _DIMS.get(type(old))
+        if dims is None:
+            return None
+        tensors = [*old.parameters(), *(b for b in old.buffers() if b.is_floating_point())]
+        new = factory(old.num_features, dims)  # type: ignore[arg-type]
+        if tensors:
+            new = new.to(device=tensors[0].device, dtype=tensors[0].dtype)
+        own = new.state_dict()
+        shared = {k: v for k, v in old.state_dict().items()
+                  if k in own and own[k].shape == v.shape}
+        new.load_state_dict(shared, strict=False)
+        return new.train(old.training)
+
+    return _convert(module, swap, {})
