@@ -24,6 +24,14 @@ Two measurements:
   the two runs of a round show up here). This one also charges each side for the work of its
   TensorBoard writer thread, which the step-interleaved measurement spreads over both sides.
 
+A third, ``--per-probe``, prices each probe of the fixed probe batch on its own: one trainer
+(``probe=off``) alternates a training step with one call of each kind, each kind with its own
+``Probes`` on the same model (the bare probe forward; activations, whiteness, statistics
+mismatch alone; all three), in CPU seconds of this process (``time.process_time``: steadier
+than wall time on a shared machine). A measurement's own cost is its time less the bare
+forward's (due together, they share one forward); over the median step and the interval, it is
+its share of each step.
+
 Target: probe=default at most 1.10× the step time of probe=off.
 
 Usage::
@@ -31,20 +39,25 @@ Usage::
     python scripts/bench_probes.py              # 3 epochs of the 10k subset, 3 rounds
     python scripts/bench_probes.py --quick      # 2560 images, 2 rounds
     python scripts/bench_probes.py --full       # also probe=full (ICS and landscape on)
+    python scripts/bench_probes.py --per-probe --threads 1   # each probe-batch measurement
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,7 +73,17 @@ from bench_train import (
 
 from bnlab import data as datasets
 from bnlab import train
+from bnlab.models import find_slots
+from bnlab.probes import Probes
+from bnlab.probes.forward import probe_forward
+from bnlab.probes.readonly import PROBE_SEED
 from bnlab.tracking import Tracker
+
+# The probe-batch measurements --per-probe prices (probe.* intervals set to 1 in each), besides
+# the bare probe forward.
+PROBE_KINDS = {"act": ("act_every",), "white": ("white_every",),
+               "bnstats": ("bnstats_every",),
+               "act+white+bnstats": ("act_every", "white_every", "bnstats_every")}
 
 
 def override(base: list[str], *overrides: str) -> list[str]:
@@ -109,6 +132,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="also time probe=full")
+    parser.add_argument("--per-probe", action="store_true",
+                        help="only price each probe of the probe batch (act, white, bnstats)")
+    parser.add_argument("--model", default="cnn")
     parser.add_argument("--only", choices=["steps", "epochs"], default=None,
                         help="run only the step-interleaved or only the whole-run part")
     parser.add_argument("--epochs", type=int, default=None,
@@ -119,12 +145,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     probes = ["off", "default", *(["full"] if args.full else [])]
-    base = bnlab_overrides(args.data_root, args.norm, args.threads, n)
+    base = override(bnlab_overrides(args.data_root, args.norm, args.threads, n),
+                    f"model={args.model}")
     run_dir = Path(tempfile.mkdtemp(prefix="bench_probes_"))
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch threads {torch.get_num_threads()}; model=cnn norm={args.norm}, "
+          f"torch threads {torch.get_num_threads()}; model={args.model} norm={args.norm}, "
           f"{'all' if n is None else n} training images, {rounds} rounds")
 
+    if args.per_probe:
+        per_probe_part(base, 3 + 2 * rounds, run_dir)
+        return
     if args.only != "epochs":
         step_part(base, probes, 3 if args.quick else 2, run_dir)  # 3: past step 50 (act probe)
     if args.only != "steps":
@@ -142,6 +172,51 @@ def step_part(base: list[str], probes: list[str], epochs: int, run_dir: Path) ->
         per_step = statistics.median(t / o for t, o in zip(ts, times["off"], strict=True))
         print(f"| {probe} | {1e3 * sum(ts) / steps:.1f} | {total:.3f}× | {per_step:.3f}× |")
 
+
+
+def per_probe_part(base: list[str], rounds: int, run_dir: Path) -> None:
+    with restore_torch_globals():
+        trainer = train.Trainer(compose(base), run_dir / "per_probe")
+        tracker = Tracker(run_dir / "per_probe")
+        cfg, model = trainer.cfg, trainer.model
+        default = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "probe"
+                                 / "default.yaml")
+        off = {key: 0 for key in ("act_every", "hist_every", "grad_every", "white_every",
+                                  "bnstats_every")}
+        batch = datasets.probe_batch(trainer.data, default.batch_size)
+        calls: dict[str, Callable[[], object]] = {
+            "forward": lambda: probe_forward(model, batch[0], PROBE_SEED, [])}
+        for kind, keys in PROBE_KINDS.items():
+            probes = Probes(OmegaConf.merge(default, off, dict.fromkeys(keys, 1)), model,
+                            trainer.optimizer, F.cross_entropy, batch, find_slots(model))
+            probes.start()  # the drift references: later probes do the full work
+            calls[kind] = functools.partial(probes.after_step, 1)
+        times: dict[str, list[float]] = {"step": [], **{kind: [] for kind in calls}}
+        x, y = next(datasets.train_batches(trainer.data, cfg.batch_size, cfg.seed, 0, 0, 0,
+                                           cfg.data.augment))
+        trainer.train_step(x, y, tracker)  # warm-up
+        for _ in range(rounds):
+            for kind, call in calls.items():
+                t0 = time.process_time()
+                trainer.train_step(x, y, tracker)
+                t1 = time.process_time()
+                call()
+                t2 = time.process_time()
+                times["step"].append(t1 - t0)
+                times[kind].append(t2 - t1)
+        tracker.close()
+    ms = {kind: 1e3 * statistics.median(ts) for kind, ts in times.items()}
+    step = ms["step"]
+    print(f"\n## per probe: CPU ms (median of {rounds}), in training steps, and the share of "
+          "each step at an interval of 100 and 500 (the measurement's own cost: without the "
+          "probe forward, which they share)")
+    print("| measurement | CPU ms | training steps | own cost, steps | every 100 | every 500 |")
+    print("|---|---|---|---|---|---|")
+    for kind, value in ms.items():
+        own = (value - ms["forward"]) / step if kind in PROBE_KINDS else None
+        shares = ("", "", "") if own is None else (f"{own:.2f}", f"{own / 100:.2%}",
+                                                  f"{own / 500:.2%}")
+        print(f"| {kind} | {value:.0f} | {value / step:.2f} | {' | '.join(shares)} |")
 
 
 def epoch_part(base: list[str], probes: list[str], rounds: int, epochs: int,

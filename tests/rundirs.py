@@ -18,6 +18,7 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 LAYERS = ("features.0", "features.1", "features.4", "classifier.1")
+NORMS = ("features.1", "classifier.1")  # the norm layers among LAYERS (bnstats/ tags)
 EXCLUDE_KEYS = ["experiment", "resume", "overwrite", "device", "threads", "progress"]
 BASE_CONFIG = {
     "norm": "custom", "model": "cnn", "lr": 0.1, "dropout": 0.0, "batch_size": 128, "seed": 0,
@@ -47,11 +48,15 @@ def write_run(
     probes: bool = True,
     hist_bins: str | int = "tensorflow",
     extra_overrides: dict[str, Any] | None = None,
+    final_test_acc_precise_bn: float | None = None,
+    lr_at_divergence: float | None = None,
 ) -> dict[str, Any]:
     """Write one complete run dir and return what a comparison should read back from it:
     `metrics` (the metrics.json document) and the event-derived numbers. `hist_bins` as in
     SummaryWriter.add_histogram: the default, the tracker's, writes ~600 buckets per
-    histogram; a small number keeps big sweeps quick to write and read."""
+    histogram; a small number keeps big sweeps quick to write and read. The metrics.json
+    keys `final_test_acc_precise_bn` and `lr_at_divergence` are written only when given, as
+    runs without Precise BN or divergence (or from before these keys) have none."""
     config = {**BASE_CONFIG, "norm": norm, "lr": lr, "dropout": dropout, "seed": seed}
     overrides = {"norm": norm, "optim.lr": lr, "model.dropout": dropout, "seed": seed,
                  **(extra_overrides or {})}
@@ -65,6 +70,9 @@ def write_run(
         "history": [{"epoch": 1, "step": steps // 2, "train_loss": 1.5, "train_acc": 0.4,
                      "test_loss": 1.6, "test_acc": final_test_acc}],
     }
+    optional = {"final_test_acc_precise_bn": final_test_acc_precise_bn,
+                "lr_at_divergence": lr_at_divergence}
+    metrics |= {key: value for key, value in optional.items() if value is not None}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (run_dir / "train.log").write_text("synthetic run\n")
     (run_dir / "checkpoint.pt").write_bytes(b"")
@@ -116,21 +124,35 @@ def synthetic_events(
             scalars[f"drift/w1/{layer}"] = [(s, 0.1 * (depth + 1) + seed) for s in points[1:]]
             scalars[f"ics/l2/{layer}"] = [(s, 0.5 * (depth + 1)) for s in points]
             scalars[f"ics/cos/{layer}"] = [(s, 0.9 - 0.1 * depth) for s in points]
+            scalars[f"white/offdiag_corr/{layer}"] = [(s, 0.1 * depth + s / 1000 + seed / 100)
+                                                      for s in points]
+            scalars[f"white/erank_frac/{layer}"] = [(s, 1 - 0.1 * depth) for s in points]
+            scalars[f"white/cond/{layer}"] = [(s, 10.0 ** (depth + 1)) for s in points]
+            if layer in NORMS:
+                scalars[f"bnstats/mean_shift/{layer}"] = [(s, (depth + s / 10) / 10 + seed)
+                                                          for s in points]
+                scalars[f"bnstats/log_var_ratio/{layer}"] = [(s, 0.05 * depth) for s in points]
             histograms[f"act/hist/{layer}"] = [
                 (s, rng.normal(c, 1.0, 500)) for s, c in centre[::2]]
     return scalars, histograms
 
 
 def expected_numbers(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, float | None]:
-    """What compare should compute from these scalars: peak finite gradient norm and the
-    mean over layers of each layer's mean over steps."""
+    """What compare should compute from these scalars: peak finite gradient norm, the mean
+    over layers of each layer's mean over steps, the last off-diagonal correlation of the
+    deepest layer and the mean over norm layers of the last mean shift."""
     def layer_mean(prefix: str) -> float | None:
         means = [np.mean([v for _, v in pts]) for t, pts in scalars.items() if t.startswith(prefix)]
         return float(np.mean(means)) if means else None
 
     grads = [v for _, v in scalars.get("grad/global_norm", []) if np.isfinite(v)]
+    white = scalars.get(f"white/offdiag_corr/{LAYERS[-1]}")
+    shifts = [scalars[f"bnstats/mean_shift/{n}"][-1][1] for n in NORMS
+              if f"bnstats/mean_shift/{n}" in scalars]
     return {"peak_grad_norm": max(grads) if grads else None, "drift_w1": layer_mean("drift/w1/"),
-            "ics_l2": layer_mean("ics/l2/"), "ics_cos": layer_mean("ics/cos/")}
+            "ics_l2": layer_mean("ics/l2/"), "ics_cos": layer_mean("ics/cos/"),
+            "white_offdiag": white[-1][1] if white else None,
+            "bnstats_mean_shift": float(np.mean(shifts)) if shifts else None}
 
 
 def write_events(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import statistics
@@ -13,10 +14,14 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bnlab.analysis.compare import run_compare
+from bnlab.analysis.events import Events, Series
 from bnlab.analysis.plot import run_plot
+from bnlab.analysis.runs import Run
+from bnlab.analysis.summary import run_numbers
 from bnlab.errors import UsageError
 from tests.rundirs import write_hydra, write_run, write_sweep
 
@@ -28,7 +33,8 @@ UNFINISHED = {"broken-none", "broken-json", "running", "stale", "interrupted"}
 
 
 def sweep_runs() -> list[dict]:
-    """Two norms × three lrs × three seeds; at norm=none, lr=1 two seeds diverge."""
+    """Two norms × three lrs × three seeds; at norm=none, lr=1 two seeds diverge (at lr 0.8
+    and 0.7 of their schedules); the BN runs also have a Precise BN accuracy."""
     runs = []
     for norm, accs in BASE_ACC.items():
         for lr, acc in accs.items():
@@ -37,9 +43,12 @@ def sweep_runs() -> list[dict]:
                 run = {"norm": norm, "lr": lr, "seed": seed, "final_test_acc": final,
                        "best_test_acc": final + 0.02, "final_train_acc": final + 0.05 * seed,
                        "hist_bins": 10}
+                if norm == "custom":
+                    run["final_test_acc_precise_bn"] = final + 0.03
                 if norm == "none" and lr == 1.0 and seed < 2:
                     run |= {"status": "diverged", "diverged_step": 10 + seed,
-                            "final_test_acc": None, "best_test_acc": None}
+                            "final_test_acc": None, "best_test_acc": None,
+                            "lr_at_divergence": 0.8 - 0.1 * seed}
                 runs.append(run)
     return runs
 
@@ -110,6 +119,10 @@ def test_rows_equal_the_runs_metrics(sweep, sweep_doc):
             "drift_w1": [info["drift_w1"] for info in infos],
             "ics_l2": [info["ics_l2"] for info in infos],
             "ics_cos": [info["ics_cos"] for info in infos],
+            "final_test_acc_precise_bn": [m.get("final_test_acc_precise_bn") for m in metrics],
+            "lr_at_divergence": [m.get("lr_at_divergence") for m in metrics],
+            "white_offdiag": [info["white_offdiag"] for info in infos],
+            "bnstats_mean_shift": [info["bnstats_mean_shift"] for info in infos],
         }.items():
             mean, std = mean_std(values)
             assert row["metrics"][key]["mean"] == pytest.approx(mean), key
@@ -188,6 +201,61 @@ def test_markdown_and_plain_table_files(sweep, tmp_path):
     lines = table.read_text().splitlines()
     assert any("custom" in line and "61.0 ± 1.0" in line for line in lines)
     assert all(line == line.rstrip() for line in lines)
+
+
+def test_precise_bn_divergence_whiteness_and_mismatch_columns(sweep, tmp_path, capsys):
+    root, _ = sweep
+    run_compare([root], fmt="markdown", figure=tmp_path / "lr.png")
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| norm | lr |"))
+    assert header.startswith("| norm | lr | seeds | final test acc % | final test acc % "
+                             "(precise BN) | best test acc % | train-test gap % | diverged | "
+                             "lr at divergence |")
+    assert header.endswith("| final off-diag corr (deepest) | final BN mean shift |")
+    cells = {tuple(line.split(" | ")[:2]): line.split(" | ") for line in lines
+             if line.startswith(("| custom", "| none"))}
+    columns = header.split(" | ")
+    custom, none = cells[("| custom", "0.1")], cells[("| none", "1.0")]
+    assert custom[columns.index("final test acc % (precise BN)")] == "64.0 ± 1.0"
+    assert none[columns.index("final test acc % (precise BN)")] == "–"
+    assert none[columns.index("lr at divergence")] == "0.75 ± 0.0707 (n=2)"
+    assert custom[columns.index("lr at divergence")] == "–"
+    # the deepest layer's last value, 0.1·3 + 40/1000 + seed/100, over seeds 0, 1, 2
+    assert custom[columns.index("final off-diag corr (deepest)")] == "0.35 ± 0.01"
+
+
+def test_columns_nobody_has_are_left_out_of_the_table(tmp_path, capsys):
+    """Runs without the newer probes, Precise BN or divergence: no empty columns in the
+    table; CSV and JSON keep a fixed set of fields, blank."""
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed={seed}", seed=seed, probes=False)
+    run_compare([tmp_path], fmt="markdown", figure=tmp_path / "lr.png")
+    text = capsys.readouterr().out
+    for header in ("precise BN", "lr at divergence", "off-diag corr", "BN mean shift"):
+        assert header not in text
+    assert "| final test acc % | best test acc % |" in text
+    run_compare([tmp_path], fmt="csv", figure=tmp_path / "lr.png")
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert row["lr_at_divergence_mean"] == row["white_offdiag_mean"] == ""
+    doc = compare_json([tmp_path], capsys, figure=tmp_path / "lr.png")
+    assert doc["settings"][0]["metrics"]["final_test_acc_precise_bn"] == {
+        "mean": None, "std": None, "n": 0}
+
+
+def test_a_non_finite_last_probe_counts_as_missing():
+    """A diverged run's last probe is NaN: no final whiteness; the mismatch averages the
+    layers that have a number."""
+    steps = np.array([0, 5])
+    events = Events((), {
+        "white/offdiag_corr/features.1": Series(steps, np.array([0.2, 0.3])),
+        "white/offdiag_corr/classifier.1": Series(steps, np.array([0.4, math.nan])),
+        "bnstats/mean_shift/features.1": Series(steps, np.array([9.0, 0.5])),
+        "bnstats/mean_shift/classifier.1": Series(steps, np.array([0.1, math.inf])),
+    }, {})
+    numbers = run_numbers(Run(Path("run"), "diverged"), events)
+    assert numbers["white_offdiag"] is None
+    assert numbers["bnstats_mean_shift"] == 0.5
+    assert numbers["final_test_acc_precise_bn"] is None and numbers["lr_at_divergence"] is None
 
 
 def test_setting_outside_the_summary_config_gets_a_column(tmp_path, capsys):

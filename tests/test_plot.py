@@ -12,9 +12,9 @@ import pytest
 from bnlab.analysis.events import read_events
 from bnlab.analysis.plot import choose_layers, run_plot
 from bnlab.analysis.runs import load_run
-from bnlab.analysis.training_figure import RunData
+from bnlab.analysis.training_figure import RunData, plan_rows
 from bnlab.errors import UsageError
-from tests.rundirs import LAYERS, write_events, write_run, write_sweep
+from tests.rundirs import LAYERS, NORMS, write_events, write_run, write_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -48,6 +48,25 @@ def test_svg_figure_with_chosen_layer_and_steps(runs, tmp_path):
     assert "features.1" in text and "step 10" in text  # 12 snaps to the nearest logged, 10
 
 
+def test_whiteness_and_statistics_mismatch_panels(runs, tmp_path):
+    data = [RunData(load_run(runs[n]), read_events(runs[n], histograms=False))
+            for n in ("custom", "bare")]
+    lines = [row.key for row in plan_rows(data, ["features.0"]) if row.kind == "lines"]
+    assert lines == ["drift/w1/", "ics/l2/", "ics/cos/", "white/offdiag_corr/",
+                     "white/erank_frac/", "white/cond/", "bnstats/mean_shift/",
+                     "bnstats/log_var_ratio/"]  # no whitening_dist: no decorrelated BN
+    assert not [row for row in plan_rows(data[1:], []) if row.key.startswith(("white",
+                                                                              "bnstats"))]
+    out = tmp_path / "fig.svg"
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        run_plot([runs["custom"], runs["none"]], out, layers=["features.1"])
+    text = "".join(ET.parse(out).getroot().itertext())
+    assert "|off-diag correlation|" in text and "number (log)" in text
+    assert "mean shift (running stds)" in text and "|log variance ratio|" in text
+    # the mismatch row shows the norm layers (features.1 chosen; classifier.1 not)
+    assert "classifier.1" not in text
+
+
 def test_run_without_probes_still_plots_its_gradients(runs, tmp_path):
     out = tmp_path / "bare.png"
     run_plot([runs["bare"]], out)
@@ -61,6 +80,7 @@ def test_list_prints_what_was_logged_and_writes_nothing(runs, tmp_path, capsys, 
     assert "steps 0–40" in out
     assert ", ".join(LAYERS) in out  # the watched layers, in model order
     assert "act/hist/features.0" in out and "0, 10, 20, 30, 40" in out
+    assert "white" in out and "bnstats" in out and ", ".join(NORMS) in out
     assert "norm=custom" in out and "status: completed" in out
     assert list(tmp_path.iterdir()) == []
 

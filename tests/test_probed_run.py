@@ -11,7 +11,8 @@ from tests.cli import bnlab, metrics, scalars, tiny
 
 # 10 steps per epoch × 2 epochs; probes every 5 steps so each kind fires several times.
 PROBES = ("probe=full", "probe.act_every=5", "probe.hist_every=10", "probe.ics_every=5",
-          "probe.landscape_every=5", "probe.batch_size=20")
+          "probe.landscape_every=5", "probe.white_every=5", "probe.bnstats_every=5",
+          "probe.batch_size=20")
 
 
 def run(tmp_path, root, name: str, *extra: str):
@@ -22,10 +23,14 @@ def run(tmp_path, root, name: str, *extra: str):
     return run_dir
 
 
-@pytest.mark.parametrize("norm", ["custom", "torch", "none", "noisy"])
+@pytest.mark.parametrize("norm", ["custom", "torch", "none", "noisy", "renorm", "dbn"])
 def test_probes_are_read_only_in_a_real_run(tmp_path, cifar_root, norm):
     off = run(tmp_path, cifar_root, "off", f"norm={norm}", "epochs=1", "probe=off")
     on = run(tmp_path, cifar_root, "on", f"norm={norm}", "epochs=1", *PROBES)
+    fired = scalars(on)  # the new probes measured inside the steps compared here
+    assert [s for s, _ in fired["white/offdiag_corr/features.1"]] == [0, 5, 10]
+    if norm != "none":
+        assert [s for s, _ in fired["bnstats/mean_shift/features.1"]] == [0, 5, 10]
     a = torch.load(off / "checkpoint.pt", weights_only=True)
     b = torch.load(on / "checkpoint.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
@@ -54,6 +59,10 @@ def test_probe_tags_and_steps_read_back_from_the_event_files(tmp_path, cifar_roo
         assert all(-1 - 1e-5 <= v <= 1 + 1e-5 for v in cos), cos  # float32 rounding near ±1
     for measure in ("loss_range", "grad_pred", "beta"):
         assert [s for s, _ in tags[f"landscape/{measure}"]] == [5, 10, 15, 20]
+    for measure in ("offdiag_corr", "cond", "erank", "erank_frac"):
+        assert [s for s, _ in tags[f"white/{measure}/features.1"]] == [0, 5, 10, 15, 20]
+    for measure in ("mean_shift", "log_var_ratio"):
+        assert [s for s, _ in tags[f"bnstats/{measure}/classifier.1"]] == [0, 5, 10, 15, 20]
     assert [s for s, _ in tags["grad/global_norm"]] == list(range(1, 21))
     assert "grad/norm/features.0.weight" in tags and "grad/nonfinite" in tags
     assert "opt/update_ratio/features.0.weight" in tags

@@ -25,14 +25,17 @@ from bnlab.tracking import Tracker
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALL_ON = {"act_every": 1, "hist_every": 1, "grad_every": 1, "ics_every": 1,
-          "landscape_every": 1, "landscape_points": 3, "hist_samples": 64, "batch_size": 8}
+          "landscape_every": 1, "white_every": 1, "bnstats_every": 1, "landscape_points": 3,
+          "hist_samples": 64, "batch_size": 8}
 ALL_OFF = {"act_every": 0, "hist_every": 0, "grad_every": 0, "ics_every": 0,
-           "landscape_every": 0}
+           "landscape_every": 0, "white_every": 0, "bnstats_every": 0}
 
 
 READ_ONLY_CASES = [("torch", "sgd", "fixed"), ("none", "sgd", "fixed"),
                    ("torch", "adam", "fixed"), ("custom", "sgd", "fixed"),
-                   ("noisy", "sgd", "fixed"), ("noisy", "sgd", "step")]
+                   ("noisy", "sgd", "fixed"), ("noisy", "sgd", "step"),
+                   ("renorm", "sgd", "fixed"), ("ghost", "sgd", "fixed"),
+                   ("dbn", "sgd", "fixed"), ("group", "sgd", "fixed")]
 
 
 def probe_cfg(**overrides: object) -> DictConfig:
@@ -106,13 +109,19 @@ def test_probes_leave_the_run_bit_identical(norm, opt_name, act_seed):
         losses, said = train(model, optimizer, probes)
         runs.append((model, optimizer, losses, torch.get_rng_state(), said))
     (m0, o0, l0, rng0, _), (m1, o1, l1, rng1, said) = runs
-    # the probed run really measured everything, each group at least once
-    assert {t.split("/")[0] for t in tags(said)} == {"act", "drift", "grad", "opt", "ics",
-                                                      "landscape"}
+    # the probed run really measured everything, each group at every step (bnstats: of
+    # the layers with running statistics, which norm=none and Group Norm have not)
+    running_stats = norm not in ("none", "group")
+    groups = {"act", "drift", "grad", "opt", "ics", "landscape", "white"}
+    groups |= {"bnstats"} if running_stats else set()
+    assert {t.split("/")[0] for t in tags(said)} == groups
+    for group in groups & {"white", "bnstats"}:  # in the forward of every step's probe
+        assert [s for s, m in said if any(t.startswith(f"{group}/") for t in m.scalars)] == \
+            [0, 1, 2, 3]
     assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
     sd0, sd1 = m0.state_dict(), m1.state_dict()
     assert sd0.keys() == sd1.keys()
-    assert any("num_batches_tracked" in k for k in sd0) == (norm != "none")
+    assert any("num_batches_tracked" in k for k in sd0) == running_stats
     for key in sd0:
         assert torch.equal(sd0[key], sd1[key]), key
     for p0, p1 in zip(m0.parameters(), m1.parameters(), strict=True):
@@ -157,7 +166,10 @@ def expected_tags(model: nn.Module) -> set[str]:
     opt = {f"opt/{m}/{p}" for m in ("weight_norm", "update_ratio") for p in params}
     ics = {f"ics/{m}/{s.layer}" for m in ("l2", "cos") for s in slots}
     landscape = {f"landscape/{m}" for m in ("loss_range", "grad_pred", "beta")}
-    return act | drift | grad | opt | ics | landscape
+    white = {f"white/{m}/{n}" for m in ("offdiag_corr", "cond", "erank", "erank_frac")
+             for n in layers}
+    bnstats = {f"bnstats/{m}/{s.norm}" for m in ("mean_shift", "log_var_ratio") for s in slots}
+    return act | drift | grad | opt | ics | landscape | white | bnstats
 
 
 def test_tags_follow_the_naming_scheme():
@@ -175,7 +187,7 @@ def test_tags_follow_the_naming_scheme():
 def test_nothing_is_measured_when_nothing_is_due():
     model = tiny_model()
     optimizer = sgd(model)
-    probes = make_probes(model, optimizer, act_every=0, hist_every=0, grad_every=0)
+    probes = make_probes(model, optimizer, **ALL_OFF)
     _, said = train(model, optimizer, probes, steps=2)
     assert all(not m.scalars and not m.histograms for _, m in said)
 
@@ -186,8 +198,11 @@ def test_layers_selects_the_watched_positions():
     probes = make_probes(model, optimizer, **{**ALL_ON, "layers": ["features.4",
                                                                   "classifier.1"]})
     _, said = train(model, optimizer, probes, steps=1)
-    layers = {t.rsplit("/", 1)[1] for t in tags(said) if t.split("/")[0] in ("act", "drift")}
+    layers = {t.rsplit("/", 1)[1] for t in tags(said)
+              if t.split("/")[0] in ("act", "drift", "white")}
     assert layers == {"features.4", "classifier.1"}
+    norms = {t.rsplit("/", 1)[1] for t in tags(said) if t.startswith("bnstats/")}
+    assert norms == {s.norm for s in find_slots(model)}  # every layer with running stats
     assert {t for t in tags(said) if t.startswith("ics/")} == {"ics/l2/features.4",
                                                               "ics/cos/features.4"}
 
@@ -196,7 +211,8 @@ def test_logged_tags_and_steps_read_back_from_the_event_file(tmp_path):
     model = tiny_model()
     optimizer = sgd(model)
     probes = make_probes(model, optimizer, act_every=2, hist_every=4, grad_every=3,
-                         ics_every=4, landscape_every=2, landscape_points=2)
+                         ics_every=4, landscape_every=2, landscape_points=2, white_every=4,
+                         bnstats_every=3)
     _, said = train(model, optimizer, probes, steps=4)
     tracker = Tracker(tmp_path)
     for step, m in said:
@@ -220,27 +236,31 @@ def test_logged_tags_and_steps_read_back_from_the_event_file(tmp_path):
     assert steps("opt/update_ratio/classifier.3.bias") == [3]
     assert steps("ics/cos/classifier.0") == [4]
     assert steps("landscape/beta") == [2, 4]
+    assert steps("white/erank/features.4") == [0, 4]
+    assert steps("bnstats/mean_shift/classifier.1") == [0, 3]
 
 
 # -- config --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ({"act_every": -1}, "probe.act_every=-1 is invalid: must be an integer >= 0"),
-    ({"grad_every": 1.5}, "probe.grad_every=1.5 is invalid: must be an integer >= 0"),
+    ({"act_every": -1}, "probe.act_every=-1 is invalid: input should be greater than or equal"),
+    ({"grad_every": 1.5}, "probe.grad_every=1.5 is invalid: input should be a valid integer"),
+    ({"white_every": -1}, "probe.white_every=-1 is invalid: input should be greater than"),
+    ({"bnstats_every": "often"}, "probe.bnstats_every='often' is invalid"),
     ({"ics_every": True}, "probe.ics_every=True is invalid"),
-    ({"enabled": "yes"}, "probe.enabled='yes' is invalid: must be true or false"),
-    ({"batch_size": 1}, "probe.batch_size=1 is invalid: must be an integer >= 2"),
-    ({"hist_samples": 0}, "probe.hist_samples=0 is invalid: must be an integer >= 1"),
+    ({"enabled": "yes"}, "probe.enabled='yes' is invalid: input should be a valid boolean"),
+    ({"batch_size": 1}, "probe.batch_size=1 is invalid: input should be greater than or"),
+    ({"hist_samples": 0}, "probe.hist_samples=0 is invalid: input should be greater than"),
     ({"landscape_points": 1}, "probe.landscape_points=1 is invalid"),
     ({"act_every": 50, "hist_every": 75},
-     "probe.hist_every=75 is invalid: must be 0 or a multiple of probe.act_every=50"),
-    ({"act_every": 0, "hist_every": 10}, "probe.hist_every=10 is invalid"),
-    ({"landscape_range": [4.0, 0.5]}, "probe.landscape_range=[4.0, 0.5] is invalid"),
-    ({"landscape_range": [0.0, 1.0]}, "probe.landscape_range=[0.0, 1.0] is invalid"),
-    ({"landscape_range": [1.0]}, "probe.landscape_range=[1.0] is invalid"),
-    ({"layers": "some"}, "probe.layers='some' is invalid: must be all or a list"),
-    ({"act_seed": "random"}, "probe.act_seed='random' is invalid: must be fixed or step"),
+     "probe: hist_every=75 must be 0 or a multiple of act_every=50"),
+    ({"act_every": 0, "hist_every": 10}, "probe: hist_every=10 must be 0 or a multiple"),
+    ({"landscape_range": [4.0, 0.5]}, "probe: landscape_range=[4.0, 0.5] must be [low, high]"),
+    ({"landscape_range": [0.0, 1.0]}, "probe.landscape_range=[0.0, 1.0] is invalid (item 0)"),
+    ({"landscape_range": [1.0]}, "probe.landscape_range=[1.0] is invalid: list should have"),
+    ({"layers": "some"}, "probe.layers='some' is invalid: input should be 'all' or"),
+    ({"act_seed": "random"}, "probe.act_seed='random' is invalid: input should be 'fixed'"),
     ({"layers": ["features.1", "features.2"]},
      "probe.layers: 'features.2' is not a watched position; allowed: all, features.0, "
      "features.1, features.4, features.5, classifier.0, classifier.1"),
@@ -263,7 +283,8 @@ def test_probe_config_options_compose_and_validate(option):
     assert cfg.probe.enabled == (option != "off")
     if option == "full":
         assert min(cfg.probe[k] for k in ("act_every", "hist_every", "grad_every",
-                                          "ics_every", "landscape_every")) > 0
+                                          "ics_every", "landscape_every", "white_every",
+                                          "bnstats_every")) > 0
     if option == "default":
         assert cfg.probe.ics_every == cfg.probe.landscape_every == 0  # the costly ones
 

@@ -51,7 +51,7 @@ def test_compiled_model_matches_eager(norm):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
         a.square().sum().backward()
         b.square().sum().backward()
-    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+    for p, q in zip(eager.parameters(), compiled_model.parameters(), strict=True):
         scale = float(p.grad.abs().max())  # float32 rounding of large gradients
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale)
 

@@ -59,7 +59,8 @@ def _check_outputs(out: Path | None, figure: Path) -> str:
 
 
 def _read_runs(run_dirs: list[Path]) -> tuple[list[Run], dict[Path, dict]]:
-    """Load every run; a finished run's events add its gradient, drift and ICS numbers."""
+    """Load every run; a finished run's events add its gradient, drift, ICS, whiteness and
+    statistics-mismatch numbers."""
     runs, numbers = [], {}
     for run in map(load_run, run_dirs):
         if run.finished:

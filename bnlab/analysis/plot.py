@@ -18,7 +18,7 @@ from bnlab.errors import UsageError
 ACT = "act/"
 HIST = "act/hist/"
 # Groups whose tags end in a layer name worth listing in full (what --layer accepts).
-LAYER_GROUPS = ("act", "drift", "ics")
+LAYER_GROUPS = ("act", "drift", "ics", "white", "bnstats")
 
 
 def run_plot(
@@ -49,8 +49,8 @@ def run_plot(
     rows = plan_rows(runs, chosen)
     if not rows:
         raise UsageError(
-            f"nothing to plot: the runs logged none of {ACT}, grad/global_norm, drift/, ics/ "
-            "(were the probes off?)"
+            f"nothing to plot: the runs logged none of {ACT}, grad/global_norm, drift/, ics/, "
+            "white/, bnstats/ (were the probes off?)"
         )
     write_atomic(out, figure_bytes(training_figure(runs, chosen, rows), kind))
     print(f"Wrote figure: {out}", file=sys.stderr)

@@ -26,8 +26,9 @@ from bnlab.analysis.runs import Run
 KEY_ORDER = ("norm", "model", "lr", "dropout", "batch_size", "optimizer", "momentum",
              "weight_decay", "sched", "epochs", "data")
 # The per-run numbers that rows aggregate over seeds.
-METRICS = ("final_test_acc", "best_test_acc", "gap", "peak_grad_norm", "drift_w1", "ics_l2",
-           "ics_cos")
+METRICS = ("final_test_acc", "final_test_acc_precise_bn", "best_test_acc", "gap",
+           "lr_at_divergence", "peak_grad_norm", "drift_w1", "ics_l2", "ics_cos",
+           "white_offdiag", "bnstats_mean_shift")
 
 
 @dataclass(frozen=True)
@@ -91,19 +92,32 @@ class Comparison:
 
 
 def run_numbers(run: Run, events: Events) -> dict[str, float | None]:
-    """The numbers one run contributes to its row; None where not logged."""
+    """The numbers one run contributes to its row; None where not logged.
+
+    Besides accuracies and means over training: ``white_offdiag``, the deepest watched
+    layer's (the last logged: the output of the last watched slot) mean |off-diagonal
+    correlation| at the last probe; ``bnstats_mean_shift``, the mean over norm layers of the
+    last probe's batch-vs-running mean shift; ``final_test_acc_precise_bn`` and
+    ``lr_at_divergence`` as metrics.json has them.
+    """
     final, train = _number(run.metric("final_test_acc")), _number(run.metric("final_train_acc"))
     grad = events.scalars.get("grad/global_norm")
     finite_grad = grad.values[np.isfinite(grad.values)] if grad else np.array([])
+    whiteness = events.tags("white/offdiag_corr/")
+    shifts = [_last(events, tag) for tag in events.tags("bnstats/mean_shift/")]
     return {
         "final_test_acc": final,
+        "final_test_acc_precise_bn": _number(run.metric("final_test_acc_precise_bn")),
         "best_test_acc": _number(run.metric("best_test_acc")),
         "gap": train - final if train is not None and final is not None else None,
+        "lr_at_divergence": _number(run.metric("lr_at_divergence")),
         # Non-finite norms mark divergence, which the diverged column already reports.
         "peak_grad_norm": float(finite_grad.max()) if finite_grad.size else None,
         "drift_w1": _layer_mean(events, "drift/w1/"),
         "ics_l2": _layer_mean(events, "ics/l2/"),
         "ics_cos": _layer_mean(events, "ics/cos/"),
+        "white_offdiag": _last(events, whiteness[-1]) if whiteness else None,
+        "bnstats_mean_shift": _mean_of(shifts),
     }
 
 
@@ -193,7 +207,19 @@ def _layer_mean(events: Events, prefix: str) -> float | None:
         values = values[np.isfinite(values)]
         if values.size:
             means.append(float(values.mean()))
-    return statistics.fmean(means) if means else None
+    return _mean_of(means)
+
+
+def _last(events: Events, tag: str) -> float | None:
+    """The value at the last step of ``tag``; None if it is not finite (a diverged run's last
+    probe is NaN: its final state is no number to average)."""
+    values = events.scalars[tag].values
+    return _number(float(values[-1])) if values.size else None
+
+
+def _mean_of(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
 
 
 def _number(value: Any) -> float | None:

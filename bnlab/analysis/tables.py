@@ -26,13 +26,21 @@ from bnlab.analysis.summary import Comparison, SettingRow, Stat, setting_of
 # Per metric: column header and whether it is a fraction shown in percent.
 COLUMNS = {
     "final_test_acc": ("final test acc %", True),
+    "final_test_acc_precise_bn": ("final test acc % (precise BN)", True),
     "best_test_acc": ("best test acc %", True),
     "gap": ("train-test gap %", True),
+    "lr_at_divergence": ("lr at divergence", False),
     "peak_grad_norm": ("peak grad norm", False),
     "drift_w1": ("act drift W1", False),
     "ics_l2": ("ICS l2", False),
     "ics_cos": ("ICS cos", False),
+    "white_offdiag": ("final off-diag corr (deepest)", False),
+    "bnstats_mean_shift": ("final BN mean shift", False),
 }
+# Columns that only some runs can have (newer probes, Precise BN, divergence); the human
+# formats leave them out when no row has a value. CSV and JSON always list every metric.
+OPTIONAL = ("final_test_acc_precise_bn", "lr_at_divergence", "white_offdiag",
+            "bnstats_mean_shift")
 BLANK = "–"
 FORMATS = ("table", "csv", "markdown", "json")
 STABILITY_NOTE = ("max stable lr: the largest lr at which no seed diverged; best lr: the highest "
@@ -167,9 +175,12 @@ def _preamble(comparison: Comparison) -> list[str]:
 
 def _settings_grid(comparison: Comparison) -> Grid:
     keys = comparison.keys or ["setting"]
+    shown = [m for m in COLUMNS if m not in OPTIONAL
+             or any(row.stats[m].n for row in comparison.rows)]
     # Accuracy columns, then divergence, then what explains it.
-    before, after = ("final_test_acc", "best_test_acc", "gap"), (
-        "peak_grad_norm", "drift_w1", "ics_l2", "ics_cos")
+    before = [m for m in ("final_test_acc", "final_test_acc_precise_bn", "best_test_acc", "gap")
+              if m in shown]
+    after = [m for m in shown if m not in before]
     headers = [*keys, "seeds", *(COLUMNS[m][0] for m in before), "diverged",
                *(COLUMNS[m][0] for m in after)]
     rows = []

@@ -2,7 +2,9 @@
 
 Rows, where any run logged them: the activation percentile bands of each chosen layer over
 training (Ioffe & Szegedy 2015, Fig. 1: 15th, 50th and 85th percentile), the global gradient
-norm, activation drift, gradient-based ICS, and histogram snapshots of each chosen layer.
+norm, activation drift, gradient-based ICS, whiteness of the activations (``white/``), the
+mismatch of batch and running statistics (``bnstats/``), and histogram snapshots of each
+chosen layer.
 Curves over steps share each row's y axis, so runs side by side compare at a glance.
 """
 
@@ -25,10 +27,18 @@ LINE_ROWS = {
     "drift/w1/": "activation drift\n(W1 to previous probe)",
     "ics/l2/": "ICS: grad change\n(ℓ2)",
     "ics/cos/": "ICS: grad change\n(cosine similarity)",
+    "white/offdiag_corr/": "whiteness: mean\n|off-diag correlation|",
+    "white/erank_frac/": "whiteness: effective\nrank / channels",
+    "white/cond/": "whiteness: condition\nnumber (log)",
+    "bnstats/mean_shift/": "batch vs running stats:\nmean shift (running stds)",
+    "bnstats/log_var_ratio/": "batch vs running stats:\n|log variance ratio|",
+    "bnstats/whitening_dist/": "batch vs running\nwhitening (rel. Frobenius)",
 }
+# Line rows whose values span decades (a singular covariance's condition number is 1e12).
+LOG_ROWS = ("white/cond/",)
 GRAD_TAG = "grad/global_norm"
 TITLE = ("Activation percentiles 15/50/85 over training (Ioffe & Szegedy 2015, Fig. 1); "
-         "gradient norm, activation drift and ICS")
+         "gradient norm, activation drift, ICS, whiteness and batch-vs-running statistics")
 HIST_BINS = 50
 
 
@@ -155,6 +165,10 @@ def _draw_lines(ax: Axes, events: Events, prefix: str, layers: list[str],
         series = events.scalars[prefix + layer]
         ax.plot(series.steps, series.values, color=colors.get(layer), label=layer,
                 marker=_marker(series))
+    if prefix in LOG_ROWS and shown:
+        values = np.concatenate([events.scalars[prefix + layer].values for layer in shown])
+        if np.all(values[np.isfinite(values)] > 0):
+            ax.set_yscale("log")
     return bool(shown)
 
 

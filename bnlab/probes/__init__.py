@@ -3,10 +3,12 @@
 The training loop builds one ``Probes`` (only when ``probe.enabled``) and calls it at fixed
 points of every step; at a step where nothing is due a call returns empty ``Measurements`` at
 once. Tags follow ``<group>/<measure>/<module path>``; the definitions are in the submodules:
-``activations`` (``act/``, ``drift/``), ``gradients`` (``grad/``, ``opt/``), ``ics`` (``ics/``)
-and ``landscape`` (``landscape/``). All probe forwards run in train mode under a seeded RNG
-(fixed, or for activations optionally by step), with the model's buffers, flags and RNG streams
-restored afterwards (``readonly``).
+``activations`` (``act/``, ``drift/``), ``whiteness`` (``white/``), ``bnstats`` (``bnstats/``),
+``gradients`` (``grad/``, ``opt/``), ``ics`` (``ics/``) and ``landscape`` (``landscape/``).
+All probe forwards run in train mode under a seeded RNG (fixed, or for the probe batch's
+forward optionally by step), with the model's buffers, flags and RNG streams restored afterwards
+(``readonly``). The activation, whiteness and statistics-mismatch probes observe one shared
+forward of the fixed probe batch (``forward``), whichever of them are due.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from torch import Tensor, nn
 
 from bnlab.models import Slot
 from bnlab.probes.activations import ActivationProbe
+from bnlab.probes.bnstats import StatsMismatchProbe
 from bnlab.probes.config import validate_probe_cfg, watched_layers
+from bnlab.probes.forward import probe_forward
 from bnlab.probes.functional import LossFn, loss_and_grads
 from bnlab.probes.gradients import GradientProbe
 from bnlab.probes.ics import gradient_ics
 from bnlab.probes.landscape import loss_landscape, step_sizes
-from bnlab.probes.readonly import read_only
+from bnlab.probes.readonly import PROBE_SEED, read_only
+from bnlab.probes.whiteness import WhitenessProbe
 
 __all__ = ["Measurements", "Probes", "validate_probe_cfg"]
 
@@ -50,17 +55,23 @@ class Probes:
         self.act_every, self.hist_every = int(cfg.act_every), int(cfg.hist_every)
         self.grad_every, self.ics_every = int(cfg.grad_every), int(cfg.ics_every)
         self.landscape_every = int(cfg.landscape_every)
+        self.white_every, self.bnstats_every = int(cfg.white_every), int(cfg.bnstats_every)
         self.landscape_range = (float(cfg.landscape_range[0]), float(cfg.landscape_range[1]))
         self.landscape_points = int(cfg.landscape_points)
         watched = watched_layers(cfg.layers, slots)
         self.ics_layers = [s.layer for s in slots if s.layer in watched]
-        self.activations = ActivationProbe(model, watched, probe_batch, int(cfg.hist_samples),
-                                           seed_by_step=cfg.act_seed == "step")
+        self.inputs = probe_batch[0]
+        self.seed_by_step = cfg.act_seed == "step"
+        self.activations = ActivationProbe(model, watched, int(cfg.hist_samples),
+                                           self.inputs.device)
+        self.whiteness = WhitenessProbe(model, watched)
+        self.bnstats = StatsMismatchProbe(model)
         self.gradients = GradientProbe(model)
 
     def start(self) -> Measurements:
-        """Step 0, before training: the baseline activations (the drift references)."""
-        return self._activations(0)
+        """Step 0, before training: the baseline activations (the drift references), and the
+        whiteness and statistics mismatch of the initial network."""
+        return self._probe_batch(0)
 
     def after_backward(self, step: int, inputs: Tensor, targets: Tensor) -> Measurements:
         """After ``loss.backward()``, before ``optimizer.step()`` (``step`` is 1-based):
@@ -77,16 +88,31 @@ class Probes:
 
     def after_step(self, step: int) -> Measurements:
         """After ``optimizer.step()`` (``step`` steps done): update ratios, weight norms, and
-        the activation probe."""
-        m = self._activations(step)
+        the probes of the fixed probe batch."""
+        m = self._probe_batch(step)
         m.scalars.update(self.gradients.updates())
         return m
 
-    def _activations(self, step: int) -> Measurements:
-        if not _due(self.act_every, step):  # step 0 is due whenever act_every > 0
+    def _probe_batch(self, step: int) -> Measurements:
+        """Activations, whiteness and statistics mismatch, those that are due (step 0 is due
+        whenever an interval is > 0), from one forward of the probe batch."""
+        act = _due(self.act_every, step)
+        white = _due(self.white_every, step)
+        bnstats = _due(self.bnstats_every, step) and bool(self.bnstats.layers)
+        observers = [o for o, due in ((self.activations, act), (self.whiteness, white),
+                                      (self.bnstats, bnstats)) if due]
+        if not observers:
             return Measurements()
-        scalars, hists = self.activations.measure(step, histograms=_due(self.hist_every, step))
-        return Measurements(scalars, hists)
+        seed = PROBE_SEED + step if self.seed_by_step else PROBE_SEED
+        probe_forward(self.model, self.inputs, seed, observers)
+        m = Measurements()
+        if act:
+            m.scalars, m.histograms = self.activations.measure(_due(self.hist_every, step))
+        if white:
+            m.scalars.update(self.whiteness.measure())
+        if bnstats:
+            m.scalars.update(self.bnstats.measure())
+        return m
 
     def _second_order(self, inputs: Tensor, targets: Tensor, ics: bool,
                       landscape: bool) -> dict[str, Tensor]:

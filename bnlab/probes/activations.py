@@ -1,12 +1,13 @@
 """Distributions of the watched activations on the fixed probe batch, and their drift.
 
-The probe forward runs in **train mode** (BN normalizes with the probe batch's own statistics,
-which is what the next layer sees during training) inside ``read_only`` (running stats and
-flags restored), under a seeded RNG: with ``probe.act_seed=fixed`` every probe draws the same
-dropout masks and BN noise, so drift shows only what the weight updates did; with ``step`` the
-seed is PROBE_SEED + step, a new draw at every probe as at every training step, so drift also
-shows the shift that noise injects (noisy BN, dropout), and a resumed run still repeats it.
-Statistics are taken inside forward hooks, before an in-place ReLU overwrites the tensor.
+The activations are those of the shared probe forward (``forward.probe_forward``: **train
+mode**, BN normalizing with the probe batch's own statistics, which is what the next layer sees
+during training; read-only; under a seeded RNG): with ``probe.act_seed=fixed`` every probe draws
+the same dropout masks and BN noise, so drift shows only what the weight updates did; with
+``step`` the seed is PROBE_SEED + step, a new draw at every probe as at every training step, so
+drift also shows the shift that noise injects (noisy BN, dropout), and a resumed run still
+repeats it. Statistics are taken inside forward hooks, before an in-place ReLU overwrites the
+tensor.
 
 Per layer, over all values of the activation: percentiles ``act/p15|p50|p85`` (linear
 interpolation, as ``torch.quantile`` and ``numpy.percentile``), ``act/mean`` and ``act/std``
@@ -34,8 +35,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from bnlab.probes.readonly import PROBE_SEED, fixed_rng, read_only
+from bnlab.probes.readonly import PROBE_SEED
 
 QUANTILES = (0.15, 0.5, 0.85)
 
@@ -130,17 +132,18 @@ def wasserstein1(sample: Tensor, ref_sorted: Tensor, ref_std: Tensor) -> Tensor:
 
 
 class ActivationProbe:
-    """Captures the watched activations on the probe batch; keeps the first and the previous
-    probe's statistics as drift references (these survive a checkpoint via ``state_dict``)."""
+    """Records the watched activations in the probe forward (an ``Observer``); keeps the first
+    and the previous probe's statistics as drift references (these survive a checkpoint via
+    ``state_dict``)."""
 
-    def __init__(self, model: nn.Module, layers: list[str], batch: tuple[Tensor, Tensor],
-                 samples: int, seed_by_step: bool = False) -> None:
-        self.model, self.inputs, self.samples = model, batch[0], samples
-        self.seed_by_step = seed_by_step
+    def __init__(self, model: nn.Module, layers: list[str], samples: int,
+                 device: torch.device) -> None:
+        self.samples, self.device = samples, device
         self.modules = {name: model.get_submodule(name) for name in layers}
         self.index: dict[str, Tensor | None] = {}
         self.init: dict[str, dict[str, Tensor]] = {}
         self.prev: dict[str, dict[str, Tensor]] = {}
+        self.captured: dict[str, LayerStats] = {}
 
     def _index(self, name: str, numel: int, device: torch.device) -> Tensor | None:
         """A fixed random index set per layer, the same at every probe and after a resume."""
@@ -153,35 +156,23 @@ class ActivationProbe:
                 self.index[name] = torch.randint(numel, (self.samples,), generator=gen).to(device)
         return self.index[name]
 
-    @torch.no_grad()
-    def capture(self, step: int) -> dict[str, LayerStats]:
-        """One train-mode forward of the probe batch; the watched layers' statistics."""
-        stats: dict[str, LayerStats] = {}
-
+    def attach(self) -> list[RemovableHandle]:
+        """Hooks that record each watched layer's statistics into ``captured``."""
         def hook_for(name: str):
             def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-                stats[name] = layer_stats(output, self._index(name, output.numel(),
-                                                              output.device))
+                self.captured[name] = layer_stats(output, self._index(name, output.numel(),
+                                                                      output.device))
             return hook
 
-        handles = [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
-        try:
-            seed = PROBE_SEED + step if self.seed_by_step else PROBE_SEED
-            with (read_only(self.model), fixed_rng(self.inputs.device, seed),
-                  torch.autocast(self.inputs.device.type, enabled=False)):
-                self.model.train()
-                self.model(self.inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return stats
+        return [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
 
-    def measure(self, step: int, histograms: bool
-                ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Scalars (percentiles, mean, std, drift) and, if asked, histogram samples."""
+    def measure(self, histograms: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Scalars (percentiles, mean, std, drift) and, if asked, histogram samples, of the
+        forward just observed."""
         scalars: dict[str, Tensor] = {}
         hists: dict[str, Tensor] = {}
-        for name, s in self.capture(step).items():
+        captured, self.captured = self.captured, {}
+        for name, s in captured.items():
             for q, value in zip(QUANTILES, s.quantiles.unbind(), strict=True):
                 scalars[f"act/p{round(q * 100)}/{name}"] = value
             scalars[f"act/mean/{name}"] = s.mean
@@ -212,6 +203,6 @@ class ActivationProbe:
         return {"init": self.init, "prev": self.prev}
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.inputs.device
+        device = self.device
         self.init = {n: {k: v.to(device) for k, v in d.items()} for n, d in state["init"].items()}
         self.prev = {n: {k: v.to(device) for k, v in d.items()} for n, d in state["prev"].items()}

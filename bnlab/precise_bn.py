@@ -1,0 +1,124 @@
+"""Precise BN: running statistics re-estimated as exact population statistics.
+
+A BN layer's running statistics are an exponential moving average of batch statistics taken
+while the weights moved, so they lag behind the current network and carry the noise of the
+last few batches; evaluation normalizes with them. Precise BN (Wu & Johnson 2021, "Rethinking
+'Batch' in BatchNorm", Sec. 3; fvcore's ``precise_bn``) replaces them, at fixed weights, by the
+statistics of the layer inputs over many training batches.
+
+``precise_bn_copy`` does so on a deep copy: it runs the copy in train mode over the batches
+(each layer's input then is what it is in training: upstream layers normalize with batch
+statistics) and accumulates, per layer with running statistics, the exact population
+statistics of its inputs over all values seen (every sample and position of every batch),
+in float64, merging per-batch moments with Chan et al.'s parallel formula (no E[x²] − E[x]²
+cancellation):
+
+- BN and its variants (``running_mean``/``running_var``; Batch Renorm, Ghost BN too: over the
+  whole batches, not per virtual batch): ``running_mean`` = population mean,
+  ``running_var`` = unbiased population variance (n − 1 in the denominator, as BN's own
+  running variance);
+- decorrelated BN (``running_whitening``): ``running_mean`` = population mean,
+  ``running_whitening`` = ``layer.whitening_from_covariance(cov)`` of the unbiased population
+  covariance.
+
+Layers without running statistics (``track_running_stats=False``, Group Norm) are left alone;
+``num_batches_tracked`` and every parameter keep the original's values. The original model,
+its buffers, ``.grad`` and flags, and the global RNG streams are untouched: dropout and BN noise
+in the copy's forwards draw from a forked RNG seeded with the probes' fixed seed, so a run with
+Precise BN evaluations trains bit-identically to one without.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.probes.bnstats import is_decorrelated, running_stats_layers
+from bnlab.probes.readonly import fixed_rng
+
+
+class _Moments:
+    """Count, mean and scatter (sum of outer products of deviations, or its diagonal) of the
+    channels of every input seen, in float64."""
+
+    def __init__(self, full: bool) -> None:
+        self.full = full  # the (C, C) scatter matrix, or per-channel sums of squares only
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.scatter: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        values = x.detach().movedim(1, -1).reshape(-1, x.shape[1]).double()
+        n_b = values.shape[0]
+        mean_b = values.mean(0)
+        centred = values - mean_b
+        scatter_b = centred.T @ centred if self.full else centred.square().sum(0)
+        if self.mean is None or self.scatter is None:
+            self.n, self.mean, self.scatter = n_b, mean_b, scatter_b
+            return
+        # Chan, Golub & LeVeque (1979): merge two sets' moments exactly
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        outer = torch.outer(delta, delta) if self.full else delta.square()
+        self.scatter = self.scatter + scatter_b + outer * (self.n * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.n = n
+
+    def covariance(self) -> Tensor:
+        """The unbiased variance (or covariance matrix) of all values seen."""
+        if self.scatter is None or self.n < 2:
+            raise ValueError("Precise BN needs at least two values per channel")
+        return self.scatter / (self.n - 1)
+
+
+@torch.no_grad()
+def precise_bn_copy(model: nn.Module, batches: Iterable[Tensor], num_batches: int
+                    ) -> nn.Module:
+    """A deep copy of ``model`` whose norm layers' running statistics are the exact population
+    statistics of their inputs over the first ``num_batches`` of ``batches`` (input tensors,
+    on the model's device, in its memory format); see the module docstring. Runs under
+    whatever autocast the caller has. Raises ValueError when ``batches`` yields nothing."""
+    inputs = itertools.islice(batches, num_batches)
+    first = next(inputs, None)
+    if first is None:
+        raise ValueError("precise_bn_copy: no batches to estimate the statistics from")
+    twin = copy.deepcopy(model)
+    layers = running_stats_layers(twin)
+    moments = {name: _Moments(full=is_decorrelated(m)) for name, m in layers.items()}
+    counts = {name: m.num_batches_tracked.clone() for name, m in layers.items()
+              if isinstance(getattr(m, "num_batches_tracked", None), Tensor)}
+    modes = [(m, m.training) for m in twin.modules()]
+    handles = [m.register_forward_pre_hook(
+        lambda module, args, acc=moments[name]: acc.add(args[0])) for name, m in layers.items()]
+    try:
+        twin.train()
+        # One forked RNG, seeded: the run's streams never move, and the copy's dropout masks
+        # do not depend on when in the run it is made.
+        with fixed_rng(first.device):
+            for x in itertools.chain([first], inputs):
+                twin(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes:
+            m.training = training
+    for name, layer in layers.items():
+        if moments[name].n:  # else the forward never reached it: nothing to estimate from
+            _set_statistics(layer, moments[name])
+        if name in counts:
+            layer.num_batches_tracked.copy_(counts[name])
+    return twin
+
+
+def _set_statistics(layer: nn.Module, moments: _Moments) -> None:
+    assert moments.mean is not None
+    cov = moments.covariance()
+    layer.running_mean.copy_(moments.mean)
+    if is_decorrelated(layer):
+        layer.running_whitening.copy_(layer.whitening_from_covariance(cov))
+    else:
+        layer.running_var.copy_(cov)

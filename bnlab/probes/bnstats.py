@@ -1,0 +1,114 @@
+r"""How far a norm layer's running statistics are from the batch statistics it trains with.
+
+In training a BN layer normalizes with the batch's statistics; in evaluation with its running
+statistics. The gap between the two is what evaluation pays for (Wu & Johnson 2021, "Rethinking
+'Batch' in BatchNorm"; Precise BN closes it, see ``bnlab.precise_bn``). Measured on the fixed
+probe batch in the shared probe forward (``forward.probe_forward``: train mode, read-only,
+seeded), from each norm layer's input just before the layer runs (a pre-hook, so the running
+statistics are read before the forward updates them; ``read_only`` puts them back after).
+
+Every layer with running statistics is measured (``torch.nn.BatchNorm*``, bnlab's BN, noisy BN,
+Batch Renorm, Ghost BN, decorrelated BN), whatever ``probe.layers`` watches; layers without
+(``track_running_stats=False``, Group Norm, an empty slot) have no tags. Per channel c, over all
+values of the channel in the probe batch (samples and positions): batch mean μ_B and biased
+variance σ²_B (the ones BN normalizes with in training); the running mean μ_run and variance
+σ²_run; the layer's ``eps``. The formulas are evaluated in float64:
+
+- ``bnstats/mean_shift/<norm>``    = mean_c |μ_B − μ_run| / sqrt(σ²_run + eps), the batch mean's
+  offset from the running mean in units of the running std (eval's normalization);
+- ``bnstats/log_var_ratio/<norm>`` = mean_c |log((σ²_B + eps) / (σ²_run + eps))|, 0 when the
+  batch has the running variance; log 2 ≈ 0.69 means a factor of 2 either way.
+
+Ghost BN normalizes each virtual batch with its own statistics; its virtual batches' means
+average to the whole batch's mean, so here its μ_B, σ²_B are those of the whole probe batch:
+the tags measure the running statistics' lag, not the ghost batches' sampling noise.
+
+Decorrelated BN (a ``running_whitening`` W_run and a ``batch_whitening(x)`` method giving the
+batch's (μ_B, W_B) as training uses them):
+
+- ``bnstats/mean_shift/<norm>`` as above, with σ²_run + eps = diag((W_runᵀ W_run)⁻¹): any
+  whitening of a covariance Σ (ZCA, PCA, Cholesky) has W Σ Wᵀ = I, so (WᵀW)⁻¹ is the running
+  covariance the whitening undoes (its eps included);
+- ``bnstats/whitening_dist/<norm>`` = ‖W_B − W_run‖_F / ‖W_run‖_F.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+
+def is_decorrelated(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "running_whitening", None), Tensor)
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` keeps running statistics for evaluation: a running mean and either a
+    running variance (BN and its variants) or a running whitening matrix (decorrelated BN)."""
+    return isinstance(getattr(module, "running_mean", None), Tensor) and (
+        isinstance(getattr(module, "running_var", None), Tensor) or is_decorrelated(module))
+
+
+def running_stats_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's layers with running statistics, by module path, in module order."""
+    return {name: m for name, m in model.named_modules() if has_running_stats(m)}
+
+
+def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over all values but dim 1, as float64. Welford's
+    algorithm in ``torch.var_mean`` is exact enough without a float64 copy of the input (on
+    CPU it accumulates a float32 input in float64 anyway)."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+    return mean.double(), var.double()
+
+
+def _mean_shift(mean: Tensor, run_mean: Tensor, run_var_eps: Tensor) -> Tensor:
+    return ((mean - run_mean).abs() / run_var_eps.sqrt()).mean()
+
+
+def stats_mismatch(layer: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """The ``bnstats/`` measures (without the prefix and layer) of ``layer`` for its input ``x``
+    (0-d float64 tensors, no host sync)."""
+    run_mean = layer.running_mean.double()
+    if is_decorrelated(layer):
+        batch_mean, w_batch = layer.batch_whitening(x.detach())
+        w_run, w_batch = layer.running_whitening.double(), w_batch.double()
+        run_var_eps = torch.linalg.inv(w_run.T @ w_run).diagonal()
+        return {
+            "mean_shift": _mean_shift(batch_mean.double(), run_mean, run_var_eps),
+            "whitening_dist": torch.linalg.matrix_norm(w_batch - w_run) /
+            torch.linalg.matrix_norm(w_run),
+        }
+    mean, var = _channel_moments(x)
+    run_var_eps = layer.running_var.double() + layer.eps
+    return {
+        "mean_shift": _mean_shift(mean, run_mean, run_var_eps),
+        "log_var_ratio": torch.log((var + layer.eps) / run_var_eps).abs().mean(),
+    }
+
+
+class StatsMismatchProbe:
+    """Records the ``bnstats/`` measures of every layer with running statistics in the probe
+    forward (an ``Observer``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = running_stats_layers(model)
+        self.captured: dict[str, Tensor] = {}
+
+    def attach(self) -> list[RemovableHandle]:
+        def hook_for(name: str) -> Callable[[nn.Module, tuple], None]:
+            def pre_hook(module: nn.Module, args: tuple) -> None:
+                # before the layer runs: its forward updates the running statistics
+                for measure, value in stats_mismatch(module, args[0]).items():
+                    self.captured[f"bnstats/{measure}/{name}"] = value
+            return pre_hook
+
+        return [m.register_forward_pre_hook(hook_for(n)) for n, m in self.layers.items()]
+
+    def measure(self) -> dict[str, Tensor]:
+        captured, self.captured = self.captured, {}
+        return captured
