@@ -342,3 +342,21 @@ def test_end_to_end_a_tiny_real_sweep_compares_and_plots(tmp_path, capsys):
     assert (sweep / "compare_lr.png").read_bytes().startswith(PNG_MAGIC)
     run_plot([run_dirs["custom"], run_dirs["none"]], tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_lr_figure_marks_the_lr_at_divergence_of_range_tests(tmp_path):
+    from bnlab.analysis.compare import _read_runs
+    from bnlab.analysis.lr_figure import lr_figure
+    from bnlab.analysis.runs import find_run_dirs
+    from bnlab.analysis.summary import compare_runs
+
+    runs = [{"norm": norm, "lr": 0.01, "seed": seed, "status": "diverged", "diverged_step": 40,
+             "final_test_acc": None, "best_test_acc": None, "lr_at_divergence": lr * (1 + seed)}
+            for norm, lr in (("custom", 2.0), ("none", 0.1)) for seed in SEEDS]
+    write_sweep(tmp_path / "sweep", runs)
+    fig = lr_figure(compare_runs(*_read_runs(find_run_dirs([tmp_path / "sweep"]))))
+    (ax,) = fig.axes
+    marked = sorted(round(float(line.get_xdata()[0]), 6) for line in ax.lines
+                    if line.get_marker() == "v")
+    assert marked == [round(0.1 * 2, 6), round(2.0 * 2, 6)]  # the means over seeds 0, 1, 2
+    assert any(t.get_text() == "diverged at lr 4" for t in ax.texts)

@@ -27,7 +27,8 @@ def lr_figure(comparison: Comparison) -> Figure | None:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Final test accuracy vs learning rate (mean ± std over seeds; × = diverged)")
+    ax.set_title("Final test accuracy vs learning rate (mean ± std over seeds; × = diverged; "
+                 "▼ = lr at divergence of a range test)", fontsize="medium")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title=_legend_title(comparison), fontsize="small")
     return fig
@@ -46,6 +47,16 @@ def _draw_series(ax, stability: Stability, offset: float, color: str) -> None:
         ax.plot([], [], color=color, marker="o", label=stability.label)
     # The × sits at the bottom of the axes whatever the accuracy range.
     bottom = ax.get_xaxis_transform()
+    for row in rows:  # range-test runs: the lr at divergence, a ▼ at the top with its ± std
+        stat = row.stats.get("lr_at_divergence")
+        if stat is not None and stat.mean is not None:
+            err = [[stat.mean - max(stat.mean - (stat.std or 0.0), stat.mean * 1e-3)],
+                   [stat.std or 0.0]]
+            ax.errorbar(stat.mean, 0.97, xerr=err, marker="v", markersize=8, color=color,
+                        capsize=3, transform=bottom, clip_on=False)
+            ax.annotate(f"diverged at lr {stat.mean:.3g}", (stat.mean, 0.97), xycoords=bottom,
+                        xytext=(6, -12), textcoords="offset points", fontsize="x-small",
+                        color=color)
     for row in rows:
         if row.diverged_steps:
             ax.plot(row.lr * offset, 0.03, marker="x", markersize=9, mew=2, color=color,
