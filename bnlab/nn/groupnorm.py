@@ -1,0 +1,342 @@
+r"""Group normalization written from scratch, and the row engine it shares with Ghost BN.
+
+* :class:`GroupNorm` / :func:`group_norm`: drop-in replacements for torch's (Wu & He, "Group
+  Normalization", ECCV 2018). Layer norm, as used in CNNs, is ``GroupNorm(1, C)``.
+* :func:`pooled_row_norm`: the engine. View an ``(N, C, *)`` input as ``N * C`` rows of
+  :math:`L = \prod *` values, one per (sample, channel). Group norm and Ghost BN both normalize
+  each row with statistics *pooled over a group of rows*: group norm pools the channels of one
+  group within a sample, Ghost BN (:mod:`bnlab.nn.ghost`) pools one chunk of samples within a
+  channel. A ``pool`` callable says which rows belong together; the rest is shared.
+* :func:`rows` and :func:`sample_slices`: the row view and the cache-sized slicing, also used
+  by Batch Renorm's batch statistics (:mod:`bnlab.nn.renorm`).
+
+The math, for a row ``(n, c)`` of group :math:`G(n, c)` (:math:`M` values in all)::
+
+    mu      = 1/M sum_G x                   var = 1/M sum_G (x - mu)^2      (biased)
+    rstd    = 1 / sqrt(var + eps)
+    y       = (x - mu) * rstd * gamma_c + beta_c
+
+    d beta_c  = sum_n sum_l g               d gamma_c = sum_n rstd * sum_l g (x - mu)
+    d x       = rstd * (gamma_c g - A - (x - mu) * rstd * B),
+                A = 1/M sum_G gamma g,      B = 1/M sum_G gamma g (x - mu) * rstd
+
+Two implementations compute it. :func:`_reference` is plain differentiable tensor ops; autograd
+differentiates it, ``torch.compile`` traces it, and a backward with ``create_graph=True``
+differentiates it again. :class:`_PooledRowNormFn` is the eager one: the backward above,
+written out, and both passes walk the rows a slice of samples at a time, so that each slice is
+centred, squared, summed and scaled while it is still in the CPU cache (slices always hold
+whole groups). No native normalization kernel is called anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Function
+from torch.nn import init
+from torch.nn.parameter import Parameter
+
+from bnlab.nn.functional import compute_dtype
+
+__all__ = ["GroupNorm", "group_norm", "pooled_row_norm", "rows", "sample_slices"]
+
+Pool = Callable[[Tensor], Tensor]
+"""``pool(t)``: for per-row values ``t`` of shape ``(n, C)`` (whole groups of rows), each value
+replaced by the mean over its group's rows, as differentiable ops."""
+
+# About this many bytes of input per slice of samples: a slice and its temporaries stay in the
+# L2/L3 cache between the passes over it. Below _MIN_SLICES slices the tensor is processed
+# whole, where the per-slice op overhead would outweigh the saved memory traffic.
+_SLICE_BYTES = 2 * 2**20
+_MIN_SLICES = 4
+
+
+def rows(x: Tensor) -> Tensor:
+    """``x`` of shape ``(N, C, *)`` as ``(N, C, L)`` rows: a view for NCHW and channels_last
+    inputs (the spatial dims merge), a copy otherwise."""
+    length = 1
+    for s in x.shape[2:]:
+        length *= s
+    return x.reshape(x.shape[0], x.shape[1], length)
+
+
+def _reference(
+    x3: Tensor, pool: Pool, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The formulas of the module docstring as differentiable ops: ``(y, mean, var)`` with the
+    per-row (pooled) ``mean`` and biased ``var`` of shape ``(N, C)`` in the compute dtype."""
+    xf = x3.to(compute_dtype(x3.dtype))
+    length = x3.shape[2]
+    mean = pool(xf.sum(-1)) / length
+    xc = xf - mean.unsqueeze(-1)
+    var = pool(xc.square().sum(-1)) / length
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    y = xc * scale.unsqueeze(-1)
+    if bias is not None:
+        y = y + bias.to(y.dtype).unsqueeze(-1)
+    return y.to(x3.dtype), mean.detach(), var.detach()
+
+
+def sample_slices(x3: Tensor, align: int) -> list[slice]:
+    """Slices of dim 0 of about ``_SLICE_BYTES``, each a multiple of ``align`` samples (the
+    rows a ``pool`` call must see together); one slice for small tensors and off the CPU (a
+    GPU gains nothing from cache-sized pieces, only more kernel launches)."""
+    n = x3.shape[0]
+    per_sample = max(1, x3[0].numel() * x3.element_size()) if n else 1
+    step = max(align, _SLICE_BYTES // per_sample // align * align)
+    if n < _MIN_SLICES * step or x3.device.type != "cpu":
+        return [slice(None)]
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _row_dot(a: Tensor, b: Tensor, buf: Tensor) -> Tensor:
+    """Per-row ``sum(a * b)`` of ``(n, C, L)`` tensors, the product formed in ``buf``."""
+    return torch.mul(a, b, out=buf[: a.shape[0]]).sum(-1)
+
+
+class _PooledRowNormFn(Function):
+    """Eager :func:`pooled_row_norm`: ``forward(x3, weight, bias, pool, eps, align) -> (y, mean,
+    var)`` on ``(N, C, L)`` rows, the hand-derived backward of the module docstring. Saves
+    ``x3`` and per-row vectors only; ``mean`` and ``var`` are non-differentiable outputs."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x3: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        pool: Pool,
+        eps: float,
+        align: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cdtype = compute_dtype(x3.dtype)
+        n, c, length = x3.shape
+        y = torch.empty_like(x3, dtype=cdtype)  # (keeps x3's strides: channels_last stays)
+        mean = x3.new_empty((n, c), dtype=cdtype)
+        var, rstd = torch.empty_like(mean), torch.empty_like(mean)
+        w = None if weight is None else weight.to(cdtype)
+        for s in sample_slices(x3, align):
+            m = pool(x3[s].sum(-1, dtype=cdtype)) / length
+            xc = torch.sub(x3[s], m.unsqueeze(-1), out=y[s])
+            v = pool(torch.linalg.vector_norm(xc, dim=-1).square()) / length
+            r = torch.rsqrt(v + eps)
+            mean[s], var[s], rstd[s] = m, v, r
+            xc.mul_((r if w is None else r * w).unsqueeze(-1))
+            if bias is not None:
+                xc.add_(bias.to(cdtype).unsqueeze(-1))
+        ctx.save_for_backward(x3, weight, bias, mean, rstd)
+        ctx.pool, ctx.eps, ctx.align = pool, eps, align
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x3.dtype), mean, var
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x3, weight, bias, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True: the grads must themselves be differentiable, so differentiate
+            # the reference (recomputed from the saved, graph-connected inputs).
+            inputs = [t for t, need in zip((x3, weight, bias), (need_x, need_w, need_b),
+                                           strict=True) if need]
+            y = _reference(x3, ctx.pool, weight, bias, ctx.eps)[0]
+            grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+            return (*(next(grads) if need else None for need in (need_x, need_w, need_b)),
+                    None, None, None)
+        cdtype = mean.dtype
+        pool, length = ctx.pool, x3.shape[2]
+        w = None if weight is None else weight.to(cdtype)
+        dx = torch.empty_like(x3, dtype=cdtype)
+        sum_g, sum_gxc = torch.empty_like(mean), torch.empty_like(mean)
+        slices = sample_slices(x3, ctx.align)
+        buf = torch.empty_like(dx[slices[0]])
+        for s in slices:
+            g, r = grad_y[s], rstd[s]
+            xc = torch.sub(x3[s], mean[s].unsqueeze(-1), out=dx[s])
+            sum_g[s] = g.sum(-1, dtype=cdtype)
+            sum_gxc[s] = _row_dot(g, xc, buf)
+            wg = sum_g[s] if w is None else w * sum_g[s]
+            wgxc = sum_gxc[s] if w is None else w * sum_gxc[s]
+            a = pool(wg) / length
+            b = pool(wgxc) * r / length
+            # dx = rstd * gamma * g - rstd * A - (x - mu) * rstd^2 * B, into xc's buffer.
+            xc.mul_((-r * r * b).unsqueeze(-1)).sub_((r * a).unsqueeze(-1))
+            xc.addcmul_(g, (r if w is None else r * w).unsqueeze(-1))
+        return (
+            dx.to(grad_y.dtype) if need_x else None,
+            (sum_gxc * rstd).sum(0).to(weight.dtype) if need_w else None,
+            sum_g.sum(0).to(bias.dtype) if need_b else None,
+            None,
+            None,
+            None,
+        )
+
+
+def pooled_row_norm(
+    x: Tensor,
+    pool: Pool,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    align: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize the ``(sample, channel)`` rows of ``x`` (``(N, C, *)``) with statistics pooled
+    by ``pool`` (see :data:`Pool`), then the per-channel affine; ``align``: the number of
+    samples whose rows ``pool`` must see together (1 when groups lie within a sample, ``N``
+    for no slicing). Returns ``(y, mean, var)``: ``y`` like ``x`` in dtype and memory format
+    (NCHW or channels_last), and the per-row pooled mean and biased variance, ``(N, C)``
+    tensors in the compute dtype, detached."""
+    x3 = rows(x)
+    if torch.compiler.is_compiling():
+        y, mean, var = _reference(x3, pool, weight, bias, eps)
+    else:
+        y, mean, var = _PooledRowNormFn.apply(x3, weight, bias, pool, eps, align)
+    return y.view(x.shape), mean, var
+
+
+def _group_pool(num_groups: int) -> Pool:
+    """The group-norm pool: each (sample, channel) value averaged over its group of channels."""
+
+    def pool(t: Tensor) -> Tensor:
+        n, c = t.shape
+        groups = t.view(n, num_groups, c // num_groups)
+        return groups.mean(-1, keepdim=True).expand_as(groups).reshape(n, c)
+
+    return pool
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Functional group norm with the semantics (and errors) of
+    :func:`torch.nn.functional.group_norm`; see :class:`GroupNorm`."""
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {input.dim()}"
+        )
+    n, c = input.shape[:2]
+    per_group = [n * c // num_groups, num_groups, *input.shape[2:]]
+    values = per_group[0]
+    for s in per_group[2:]:
+        values *= s
+    if values == 1:  # torch's _verify_batch_size, applied to this size
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {per_group}"
+        )
+    if c % num_groups:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got "
+            f"input of shape {list(input.shape)} and num_groups={num_groups}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.numel() != c):
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in "
+                f"input, but got {name} of shape {list(t.shape)} and input of shape "
+                f"{list(input.shape)}"
+            )
+    return pooled_row_norm(input, _group_pool(num_groups), weight, bias, eps)[0]
+
+
+class GroupNorm(nn.Module):
+    r"""Group Normalization (Wu & He, ECCV 2018), written from scratch.
+
+    Drop-in replacement for :class:`torch.nn.GroupNorm` (same constructor, ``weight`` and
+    ``bias`` parameters, errors, ``extra_repr`` and state dict). The ``C`` channels are split
+    into ``num_groups`` groups of consecutive channels; each sample's group is normalized over
+    its :math:`M = C/G \cdot \prod *` values, then the per-channel affine is applied:
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma_c + \beta_c
+
+    with the biased variance. No batch statistics and no running statistics: training and
+    eval are the same map. ``GroupNorm(1, C)`` is bnlab's layer norm (each sample over C, H,
+    W, as layer norm is used in CNNs; unlike :class:`torch.nn.LayerNorm` its affine is per
+    channel). ``GroupNorm(C, C)`` is instance norm with an affine.
+
+    Forward and backward are written out in :mod:`bnlab.nn.groupnorm` (no native kernel).
+    Half-precision inputs are computed in float32 and returned in their dtype; NCHW and
+    channels_last inputs give outputs and input gradients in their own memory format.
+
+    Args:
+        num_groups: number of groups to separate the channels into
+        num_channels: number of channels :math:`C` expected in the input
+        eps: a value added to the denominator for numerical stability. Default: 1e-5
+        affine: learnable per-channel ``weight`` (ones) and ``bias`` (zeros). Default: True
+        device, dtype: factory arguments for the parameters.
+        bias: (keyword-only) if ``False``, no additive bias. Default: ``True``
+
+    Shape:
+        - Input: :math:`(N, C, *)`
+        - Output: same shape as input
+
+    Examples::
+
+        >>> m = GroupNorm(3, 6)
+        >>> output = m(torch.randn(20, 6, 10, 10))
+    """
+
+    __constants__: ClassVar[list[str]] = ["num_groups", "num_channels", "eps", "affine"]
+    num_groups: int
+    num_channels: int
+    eps: float
+    affine: bool
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError(
+                f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+            )
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if self.affine:
+            self.weight = Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set :math:`\\gamma = 1` and :math:`\\beta = 0`."""
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            "{num_groups}, {num_channels}, eps={eps}, affine={affine}, "
+            "bias={use_bias}".format(**self.__dict__, use_bias=self.bias is not None)
+        )

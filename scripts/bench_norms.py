@@ -1,0 +1,172 @@
+"""Benchmark bnlab's normalization zoo against torch's counterparts on CPU (forward + backward).
+
+Section ``layers``: each pair below, one training-mode step ``y = layer(x)`` followed by
+``torch.autograd.grad(y, [x, weight, bias], g)`` (running statistics updated where the layer
+has them), float32, contiguous NCHW, eager, ``torch.set_num_threads(2)`` (``--threads``), glibc
+malloc set up as ``bnlab train`` sets it (``keep_freed_memory``), at the shapes of ``SHAPES``:
+
+* ``group32`` / ``group1``: ``bnlab.nn.GroupNorm(32 | 1, C)`` vs ``nn.GroupNorm`` (1 group is
+  bnlab's layer norm);
+* ``renorm``: ``BatchRenorm2d(C)`` (r_max=3, d_max=5: the corrections are computed) vs
+  ``nn.BatchNorm2d``;
+* ``ghost32``: ``GhostBatchNorm2d(C, virtual_batch_size=32)`` vs ``nn.BatchNorm2d``;
+* ``dbn16`` / ``iter16``: ``DecorrelatedBatchNorm2d(C, group_size=16, whitening="zca" | "iter")``
+  vs ``nn.BatchNorm2d``, when ``bnlab.nn.decorrelated`` imports.
+
+Each round runs one step of every layer of a shape, ours and torch's, in turn (so drifts of a
+shared machine hit all alike); after warm-up the median over rounds is reported in a markdown
+table, with the ratio ours/torch (target: at most 1.5x).
+
+More sections go into ``SECTIONS`` (name -> function of the parsed arguments that prints its
+tables), e.g. a CNN training step per norm.
+
+Usage::
+
+    python scripts/bench_norms.py                 # all sections, 21 rounds
+    python scripts/bench_norms.py --quick         # 5 rounds
+    python scripts/bench_norms.py --only group    # rows whose name contains "group"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnlab.nn.ghost import GhostBatchNorm2d
+from bnlab.nn.groupnorm import GroupNorm
+from bnlab.nn.renorm import BatchRenorm2d
+from bnlab.runtime import keep_freed_memory
+
+SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
+TARGET_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A row of the layer table: our layer and torch's counterpart, each made for C channels."""
+
+    name: str
+    ours: Callable[[int], nn.Module]
+    torch: Callable[[int], nn.Module]
+
+
+def layer_pairs() -> list[Pair]:
+    pairs = [
+        Pair("group32", lambda c: GroupNorm(32, c), lambda c: nn.GroupNorm(32, c)),
+        Pair("group1", lambda c: GroupNorm(1, c), lambda c: nn.GroupNorm(1, c)),
+        Pair("renorm", BatchRenorm2d, nn.BatchNorm2d),
+        Pair("ghost32", lambda c: GhostBatchNorm2d(c, virtual_batch_size=32), nn.BatchNorm2d),
+    ]
+    try:  # written by another part of issue 16; benchmarked once it is there
+        from bnlab.nn.decorrelated import DecorrelatedBatchNorm2d
+    except ImportError as exc:
+        print(f"(decorrelated layers skipped: {exc})")
+    else:
+        for name, whitening in (("dbn16", "zca"), ("iter16", "iter")):
+            pairs.append(Pair(
+                name,
+                lambda c, w=whitening: DecorrelatedBatchNorm2d(c, group_size=16, whitening=w),
+                nn.BatchNorm2d,
+            ))
+    return pairs
+
+
+def make_step(layer: nn.Module, x: Tensor, g: Tensor) -> Callable[[], None]:
+    inputs = [x, *(p for p in (layer.weight, layer.bias) if p is not None)]
+
+    def step() -> None:
+        torch.autograd.grad(layer(x), inputs, g)
+
+    return step
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each step over ``rounds`` rounds, one call of each per round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def bench_layers(args: argparse.Namespace) -> None:
+    pairs = [p for p in layer_pairs() if args.only is None or args.only in p.name]
+    rows = []
+    for shape in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(shape).mul_(2).add_(0.5).requires_grad_()
+        g = torch.randn(shape)
+        steps = {}
+        for p in pairs:
+            steps[(p.name, "ours")] = make_step(p.ours(shape[1]), x, g)
+            steps[(p.name, "torch")] = make_step(p.torch(shape[1]), x, g)
+        times = time_interleaved(steps, args.rounds, args.warmup)
+        for p in pairs:
+            ours, ref = times[(p.name, "ours")], times[(p.name, "torch")]
+            rows.append((p.name, shape, ours, ref))
+        print(f"done {shape}", flush=True)
+
+    order = [p.name for p in pairs]
+    rows.sort(key=lambda r: order.index(r[0]))
+    print(f"\nms per forward+backward over {args.rounds} rounds, median and minimum (the "
+          f"least-disturbed run); target ours/torch <= {TARGET_RATIO}x:\n")
+    print("| layer | shape (N,C,H,W) | ours ms | torch ms | ours/torch | ours min | torch min "
+          "| ours/torch (min) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, shape, ours, ref in rows:
+        med, low = (statistics.median(ours), statistics.median(ref)), (min(ours), min(ref))
+        print(f"| {name} | {shape} | {med[0]:.2f} | {med[1]:.2f} | {_ratio(*med)} "
+              f"| {low[0]:.2f} | {low[1]:.2f} | {_ratio(*low)} |")
+
+
+def _ratio(ours: float, ref: float) -> str:
+    return f"{ours / ref:.2f}x" + ("" if ours / ref <= TARGET_RATIO else " (!)")
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {"layers": bench_layers}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds")
+    parser.add_argument("--only", default=None, help="rows whose name contains this")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 is less disturbed by a busy machine)")
+    parser.add_argument("--section", choices=sorted(SECTIONS), action="append",
+                        help="run only this section (repeatable); default: all")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (5 if args.quick else 21)
+    args.warmup = 2 if args.quick else 3
+
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    print(f"torch {torch.__version__}, {platform.machine()}, threads={torch.get_num_threads()}, "
+          "float32 NCHW, training-mode forward+backward, eager")
+    # Other processes on the machine distort timings; record how busy it was.
+    print("load average (1/5/15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    for name in args.section or SECTIONS:
+        SECTIONS[name](args)
+    print("\nload average (1/5/15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
