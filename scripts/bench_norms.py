@@ -17,8 +17,10 @@ Each round runs one step of every layer of a shape, ours and torch's, in turn (s
 shared machine hit all alike); after warm-up the median over rounds is reported in a markdown
 table, with the ratio ours/torch (target: at most 1.5x).
 
-More sections go into ``SECTIONS`` (name -> function of the parsed arguments that prints its
-tables), e.g. a CNN training step per norm.
+Section ``cnn``: one SGD step of ``model=cnn`` with each norm against ``norm=torch``, all
+interleaved (targets: 1.5x for renorm/ghost/group/layer, 2.5x for dbn/iternorm with
+``group_size=16``). More sections go into ``SECTIONS`` (name -> function of the parsed
+arguments that prints its tables).
 
 Usage::
 
@@ -141,7 +143,48 @@ def _ratio(ours: float, ref: float) -> str:
     return f"{ours / ref:.2f}x" + ("" if ours / ref <= TARGET_RATIO else " (!)")
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {"layers": bench_layers}
+# Step-time targets of a model=cnn training step, relative to norm=torch (issue 16).
+CNN_TARGETS = {"renorm": 1.5, "ghost": 1.5, "group": 1.5, "layer": 1.5, "dbn": 2.5,
+               "iternorm": 2.5, "custom": 1.5, "none": 1.5}
+
+
+def bench_cnn(args: argparse.Namespace) -> None:
+    """One SGD step of ``model=cnn`` (the config defaults, batch 128, channels_last as ``bnlab
+    train`` uses on CPU) with each norm, all norms' steps interleaved on the same batch."""
+    from bnlab.models import build_model, norm_factory
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (128,))
+    norms = ["torch", *(n for n in CNN_TARGETS if args.only is None or args.only in n)]
+    steps = {}
+    for name in norms:
+        torch.manual_seed(0)
+        model = build_model("cnn", norm_factory(name)).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        steps[name] = step
+    times = time_interleaved(steps, args.rounds, args.warmup)
+    base, base_min = statistics.median(times["torch"]), min(times["torch"])
+    print(f"\nmodel=cnn training step (batch 128, channels_last), ms over {args.rounds} "
+          "rounds; ratio to norm=torch (target in the last column):\n")
+    print("| norm | ms (median) | / torch | ms (min) | / torch (min) | target |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in norms:
+        med, low = statistics.median(times[name]), min(times[name])
+        target = CNN_TARGETS.get(name, 1.0)
+        flag = "" if med / base <= target else " (!)"
+        print(f"| {name} | {med:.1f} | {med / base:.2f}x{flag} | {low:.1f} | "
+              f"{low / base_min:.2f}x | {target}x |")
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {"layers": bench_layers,
+                                                             "cnn": bench_cnn}
 
 
 def main() -> None:

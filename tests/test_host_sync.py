@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab.train as train
-from bnlab.nn.batchnorm import _is_well_conditioned
+from bnlab.nn.batchnorm_fast import _is_well_conditioned
 from bnlab.probes.gradients import _nonfinite_fraction
 
 aten = torch.ops.aten
