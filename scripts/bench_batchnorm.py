@@ -9,8 +9,11 @@ faulted in again), so allocation costs are those of a training step.
 Variants:
 
 * ``torch``:  ``nn.BatchNorm2d`` in eager mode (native CPU kernel);
-* ``custom``: ``bnlab.nn.BatchNorm2d`` in eager mode (hand-written forward/backward);
-* ``naive``:  a textbook Python BN differentiated by autograd (reference only);
+* ``custom``: ``bnlab.nn.BatchNorm2d`` in eager mode: its eager fast path
+  (``bnlab/nn/batchnorm_fast.py``), what ``bnlab train`` runs;
+* ``reference``: the same layer inside ``bnlab.nn.batchnorm_fast.disabled()``, i.e. the
+  reference implementation (``bnlab/nn/batchnorm.py``: plain tensor ops, hand-derived backward);
+* ``naive``:  a textbook Python BN differentiated by autograd;
 * ``torch+compile`` / ``custom+compile``: ``torch.compile(layer)`` of each layer (default
   Inductor backend, static shapes); the compiled forward and the AOT-compiled backward are
   both inside the timed step.
@@ -18,7 +21,7 @@ Variants:
 Repetitions are interleaved (one step of every variant per round) so that drifts of the machine
 hit all variants alike; after warm-up the median over rounds is reported, and a second table
 gives the minimum over rounds (the least-disturbed run, useful on a shared, busy machine).
-Ratios are custom/torch time (lower is better; < 1 means the custom layer is faster).
+Ratios are variant/torch time (lower is better; < 1 means the variant is faster).
 
 Usage::
 
@@ -30,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -43,8 +47,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnlab.nn import BatchNorm2d
-from bnlab.train import keep_freed_memory
+from bnlab.nn import BatchNorm2d, batchnorm_fast
+from bnlab.runtime import keep_freed_memory
 
 SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
 
@@ -72,11 +76,18 @@ class NaiveBatchNorm2d(nn.Module):
         return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
-def make_step(layer: nn.Module, run: Callable[[Tensor], Tensor], x: Tensor, g: Tensor):
+def make_step(
+    layer: nn.Module,
+    run: Callable[[Tensor], Tensor],
+    x: Tensor,
+    g: Tensor,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+):
     params = [x, layer.weight, layer.bias]
 
     def step() -> None:
-        y = run(x)
+        with context():  # (the backward runs the implementation the forward chose)
+            y = run(x)
         torch.autograd.grad(y, params, g)
 
     return step
@@ -95,6 +106,8 @@ def bench_shape(
         "naive": NaiveBatchNorm2d(c),
     }
     steps = {name: make_step(m, m, x, g) for name, m in layers.items()}
+    reference = BatchNorm2d(c)
+    steps["reference"] = make_step(reference, reference, x, g, batchnorm_fast.disabled)
     if compile_:
         for name in ("torch", "custom"):
             m = type(layers[name])(c)
@@ -115,7 +128,8 @@ def bench_shape(
 def print_table(title: str, rows: list[tuple[tuple[int, ...], dict[str, float]]], compile_: bool):
     print(f"\n{title}\n")
     header = (
-        f"| {'shape (N,C,H,W)':<18} | torch ms | custom ms | custom/torch | naive ms | naive/torch"
+        f"| {'shape (N,C,H,W)':<18} | torch ms | custom ms | custom/torch | reference ms "
+        "| reference/torch | naive ms | naive/torch"
     )
     if compile_:
         header += " | torch+compile ms | custom+compile ms | custom/torch (compiled)"
@@ -124,7 +138,8 @@ def print_table(title: str, rows: list[tuple[tuple[int, ...], dict[str, float]]]
     for shape, r in rows:
         row = (
             f"| {shape!s:<18} | {r['torch']:8.2f} | {r['custom']:9.2f} | "
-            f"{r['custom'] / r['torch']:11.2f}x | {r['naive']:8.2f} | "
+            f"{r['custom'] / r['torch']:11.2f}x | {r['reference']:12.2f} | "
+            f"{r['reference'] / r['torch']:14.2f}x | {r['naive']:8.2f} | "
             f"{r['naive'] / r['torch']:10.2f}x"
         )
         if compile_:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab.nn as bnn
-import bnlab.nn.batchnorm as bnbn
+import bnlab.nn.batchnorm_fast as bnfast
 from bnlab.nn.batchnorm import _BatchNorm, batch_norm
 
 PAIRS = {
@@ -528,16 +528,16 @@ def test_huge_mean_is_numerically_stable(offset):
 def _force_slices(monkeypatch, samples_per_slice: int, bytes_per_sample: int) -> list[int]:
     """Make the eager layer walk small inputs a few samples at a time, as it walks large ones
     (``_SLICE_BYTES``); returns the slice counts of every walk, to show the slices were used."""
-    monkeypatch.setattr(bnbn, "_SLICE_BYTES", samples_per_slice * bytes_per_sample)
+    monkeypatch.setattr(bnfast, "_SLICE_BYTES", samples_per_slice * bytes_per_sample)
     counts: list[int] = []
-    real = bnbn._sample_slices
+    real = bnfast._sample_slices
 
     def spy(t):
         slices = real(t)
         counts.append(len(slices))
         return slices
 
-    monkeypatch.setattr(bnbn, "_sample_slices", spy)
+    monkeypatch.setattr(bnfast, "_sample_slices", spy)
     return counts
 
 

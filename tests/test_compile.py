@@ -21,7 +21,7 @@ from torch import nn
 from bnlab.models import build_model, norm_factory
 from bnlab.nn import MaxPool2d, NoisyBatchNorm2d
 from bnlab.nn.pooling import _max_pool2d, _max_pool2d_backward
-from bnlab.train import compile_model
+from bnlab.runtime import compile_model
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ What lives where:
   ``torch.compile`` on CPU.
 """
 
+from bnlab.nn import batchnorm_fast  # noqa: F401  (registers the eager fast path of batchnorm)
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.nn.convert import convert_batchnorm, replace_batchnorm
 from bnlab.nn.decorrelated import DecorrelatedBatchNorm1d, DecorrelatedBatchNorm2d

@@ -1,0 +1,385 @@
+"""The eager fast path of the from-scratch batch norm: the reference's formulas, reorganized
+for speed on the CPU.
+
+:mod:`bnlab.nn.batchnorm` is the reference (read it first); this module computes the same
+formulas for eager calls with fewer passes over memory:
+
+* in-place ops into one output buffer, and only ``x`` plus per-channel vectors saved;
+* large tensors walked a slice of samples at a time (:func:`_sample_slices`), so that a
+  product is summed, or a slice read again, while it is still in the CPU cache;
+* per-channel sums of standard-contiguous tensors as row sums first (:func:`_channel_sum`);
+* the corrected two-pass variance (Chan, Golub & LeVeque 1983), which stays exact where a
+  channel's ``|mean| >> std`` (more accurate there than the reference and torch's kernel);
+  where no channel is like that (:func:`_is_well_conditioned`), the correction is skipped and
+  the backward does not centre ``x``.
+
+It registers itself with :func:`bnlab.nn.batchnorm.register_eager_functions` and then serves
+every eager call, on any device (the slices and the well-conditioned check are CPU-only).
+``torch.compile`` traces the reference instead, and a backward with ``create_graph=True``
+runs the reference's differentiable backward. Switch it off to run everything through the
+reference::
+
+    with bnlab.nn.batchnorm_fast.disabled():
+        y = layer(x)  # the reference Functions, forward and backward
+
+or set ``bnlab.nn.batchnorm_fast.enabled = False`` (process-wide, not thread-local). The
+switch is read at each forward; a backward always runs the implementation its forward ran.
+``tests/test_batchnorm_fast.py`` checks this module against the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from bnlab.nn.batchnorm import (
+    _backward,
+    _requested_grads,
+    _save_param_dtypes,
+    register_eager_functions,
+)
+from bnlab.nn.compat import output_memory_format, suggest_memory_format
+from bnlab.nn.functional import batch_stats, compute_dtype, per_channel, reduce_dims
+
+__all__ = ["disabled", "enabled"]
+
+enabled = True
+"""Whether eager batch-norm calls take this fast path (True) or the reference (False)."""
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Run the batch-norm calls made inside the block through the reference implementation."""
+    global enabled
+    previous, enabled = enabled, False
+    try:
+        yield
+    finally:
+        enabled = previous
+
+
+# Below this many values per (sample, channel) row, summing the rows first gains nothing over
+# one reduction over the strided dims.
+_MIN_ROW = 16
+
+# Large tensors are walked a slice of samples at a time, about this many bytes per slice, so
+# that a product is summed, or a result read again, while it is still in the L2/L3 cache
+# rather than after a round trip through memory; tensors of fewer than _MIN_SLICES such
+# slices are processed whole (the per-slice op overhead would win).
+_SLICE_BYTES = 2 * 2**20
+_MIN_SLICES = 4
+
+# Channels whose |mean| is at most this many standard deviations are "well conditioned": the
+# float rounding error of the mean (~ulp(mean)) stays below ~1e-6 std there, so the corrected
+# two-pass term and the centring in the backward can be skipped (see _train_backward_fast).
+_MAX_MEAN_OVER_STD = 16.0
+
+
+# --------------------------------------------------------------------------------------------
+# Passes over memory
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(x: Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
+    # Explicit allocation gives canonical strides in the wanted format, whatever x's strides.
+    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def _is_well_conditioned(x: Tensor, center: Tensor, var: Tensor, eps: float) -> bool:
+    """Whether every channel has |mean| <= _MAX_MEAN_OVER_STD * std (CPU tensors only).
+
+    Then the rounding error of the computed mean (about ulp(mean)) is negligible next to the
+    standard deviation and the cheaper formulas apply. The check reads one number back to
+    Python; on accelerators that would be a device sync per layer, so they always take the
+    robust path.
+    """
+    if x.device.type != "cpu" or center.numel() == 0:
+        return False
+    ratio = center.abs() * torch.rsqrt(var + eps)
+    return bool(ratio.max() <= _MAX_MEAN_OVER_STD)
+
+
+def _rows(t: Tensor) -> Tensor | None:
+    """View a standard-contiguous (N, C, *) tensor as (N*C, L) rows, if that is worthwhile."""
+    if t.dim() < 3 or not t.is_contiguous():
+        return None
+    n_rows = t.shape[0] * t.shape[1]
+    if n_rows == 0 or t.numel() // n_rows < _MIN_ROW:
+        return None
+    return t.view(n_rows, -1)
+
+
+def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Sum over every dim except 1, accumulated and returned in ``dtype`` (default t's)."""
+    rows = _rows(t)
+    if rows is not None:
+        # Summing the contiguous rows first and then over N is a cheaper reduction on CPU
+        # than one reduction over the strided dims (0, 2, 3, ...).
+        return rows.sum(1, dtype=dtype).view(t.shape[0], t.shape[1]).sum(0)
+    return t.sum(reduce_dims(t), dtype=dtype)
+
+
+def _sample_slices(t: Tensor) -> list[slice]:
+    """Slices of dim 0 of about ``_SLICE_BYTES`` each, or one slice for all of ``t`` when it is
+    small or not on the CPU (a GPU gains nothing from CPU-cache-sized pieces, only more kernel
+    launches). Slices write through ``out=``, which is fine here: this module runs with grad
+    mode off (inside a Function's forward, or a first-order backward)."""
+    n = t.shape[0]
+    per_sample = t[0].numel() * t.element_size() if n else 0
+    step = max(1, _SLICE_BYTES // per_sample) if per_sample else 1
+    if n < _MIN_SLICES * step or t.device.type != "cpu":
+        return [slice(None)]
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _slice_buffer(t: Tensor, slices: list[slice], dtype: torch.dtype) -> Tensor:
+    """A reusable buffer for one slice of ``t`` (the last slice uses a prefix of it)."""
+    return _empty(t[slices[0]], dtype, suggest_memory_format(t))
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel ``sum(a * b)`` over every dim except 1, a slice of samples at a time."""
+    slices = _sample_slices(a)
+    if len(slices) == 1:
+        return _channel_sum(a * b)
+    buf = _slice_buffer(a, slices, torch.result_type(a, b))
+    total = torch.zeros(a.shape[1], dtype=buf.dtype, device=a.device)
+    for s in slices:
+        part = buf[: a[s].shape[0]]
+        total += _channel_sum(torch.mul(a[s], b[s], out=part))
+    return total
+
+
+def _centered_square_sum(x: Tensor, center: Tensor, out: Tensor) -> Tensor:
+    """``out = x - center`` and the per-channel ``sum(out**2)``, a slice of samples at a time
+    (each slice is squared while it is still in cache)."""
+    slices = _sample_slices(out)  # (sized by out: half inputs are centred into float32)
+    buf = _slice_buffer(out, slices, out.dtype)
+    total = torch.zeros(x.shape[1], dtype=out.dtype, device=x.device)
+    for s in slices:
+        xc = torch.sub(x[s], center, out=out[s])
+        total += _channel_sum(torch.mul(xc, xc, out=buf[: xc.shape[0]]))
+    return total
+
+
+def _grad_sums(
+    g: Tensor, x: Tensor, center: Tensor | None, out: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(g)`` and ``sum(g * v)``: ``v = x``, or ``v = x - center`` written into
+    ``out`` when ``center`` is given. A slice of samples at a time, so each slice of ``g`` and
+    ``v`` is read the second time from cache."""
+    slices = _sample_slices(g)
+    buf = _slice_buffer(g, slices, g.dtype)
+    sum_g = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
+    dot = torch.zeros_like(sum_g)
+    for s in slices:
+        gs = g[s]
+        v = x[s] if center is None else torch.sub(x[s], center, out=out[s])
+        sum_g += _channel_sum(gs)
+        dot += _channel_sum(torch.mul(gs, v, out=buf[: gs.shape[0]]))
+    return sum_g, dot
+
+
+def _scale_shift(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    """``out = t * scale + shift`` with per-channel (broadcast) ``scale`` and ``shift``.
+
+    When ``out`` has channels innermost (NHWC) one ``addcmul`` pass does it: the broadcast
+    vectors line up with the vector lanes. In NCHW both vectors are constant along the inner
+    loop, which the CPU kernel does not vectorize, so two passes are faster there.
+    """
+    if out.stride(1) == 1:
+        return torch.addcmul(shift, t, scale, out=out)
+    return torch.mul(t, scale, out=out).add_(shift)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd Functions (signatures of the reference's _BatchNormTrainFn and _BatchNormEvalFn)
+# --------------------------------------------------------------------------------------------
+
+
+class _FastTrainFn(Function):
+    """Batch statistics: ``forward(x, weight, bias, eps) -> (y, mean, var)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cdtype = compute_dtype(x.dtype)
+        ndim = x.dim()
+        n = x.numel() // x.shape[1]
+        # Two-pass variance: center = mean(x) (rounded to the compute dtype), then the mean of
+        # squared deviations xc = x - center. The centred tensor lives in the buffer that
+        # becomes the output (half inputs are promoted to float32 inside the subtraction).
+        center = _channel_sum(x, cdtype) / n
+        xc = _empty(x, cdtype, output_memory_format(x))
+        var = _centered_square_sum(x, per_channel(center, ndim), out=xc) / n
+        well_conditioned = _is_well_conditioned(x, center, var, eps)
+        if well_conditioned:
+            delta = torch.zeros_like(center)
+        else:
+            # Corrected two-pass: center carries a rounding error of about ulp(mean), which
+            # matters once |mean| >> std. xc = x - center is exact for values near the mean,
+            # and delta = mean(xc) recovers the error: mean = center + delta,
+            # var = mean(xc^2) - delta^2.
+            delta = _channel_sum(xc) / n
+            var = (var - delta * delta).clamp_min_(0.0)
+        mean = center + delta
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else weight.to(cdtype) * invstd
+        offset = -delta * scale if bias is None else bias.to(cdtype) - delta * scale
+        # y = (xc - delta) * scale + beta, in place.
+        y = _scale_shift(xc, per_channel(scale, ndim), per_channel(offset, ndim), out=xc)
+
+        ctx.save_for_backward(x, weight, center, delta, invstd)
+        ctx.eps = eps
+        _save_param_dtypes(ctx, weight, bias)
+        # The uncentred backward shortcut is only used for well-conditioned float32/64 input.
+        ctx.shortcut = well_conditioned and x.dtype == cdtype
+        ctx.mark_non_differentiable(mean, var)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, weight, center, delta, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference's differentiable form
+            grads = _backward(grad_y, x, weight, *batch_stats(x), ctx.eps, with_batch_stats=True)
+        else:
+            grads = _train_backward_fast(
+                grad_y, x, weight, center, delta, invstd, ctx.needs_input_grad[0], ctx.shortcut
+            )
+        return (*_requested_grads(ctx, *grads), None)
+
+
+def _train_backward_fast(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    center: Tensor,
+    delta: Tensor,
+    invstd: Tensor,
+    need_x: bool,
+    shortcut: bool,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """First-order backward: few passes; dx is its only full-size tensor besides the dot's
+    product, which is formed a slice of samples at a time where ``_sample_slices`` slices.
+
+    The reference's ``dx = scale (g - 1/n sum g - x_hat 1/n sum g x_hat)`` is computed as
+    ``dx = k (x - mu) + c + scale g`` with ``k = -scale invstd^2 1/n sum g (x - mu)`` and
+    ``c = -scale 1/n sum g``, which needs ``sum g (x - mu)``. With ``shortcut`` (input known
+    to be well conditioned, |mean| <= _MAX_MEAN_OVER_STD * std) it is computed without
+    centring x, as ``sum g x - mu sum g`` and ``dx = k x + (c - k mu) + scale g``: the
+    cancellation costs at most a factor |mean|/std in relative precision. Otherwise
+    xc = x - center is materialized (exact, as in the forward) and, with x - mu = xc - delta,
+    ``sum g (x - mu) = sum g xc - delta sum g`` and ``dx = k xc + (c - k delta) + scale g``.
+    """
+    fmt = suggest_memory_format(x)
+    cdtype = center.dtype
+    # .contiguous: e.g. the grad of y.sum() is an expanded tensor with stride 0.
+    g = grad_y.contiguous(memory_format=fmt).to(cdtype)
+    ndim = x.dim()
+    n = x.numel() // x.shape[1]
+
+    # x - mu = x - center (shortcut: delta is 0, center is the mean), else xc - delta with
+    # xc = x - center materialized in a buffer that is reused for dx.
+    xc = None if shortcut else _empty(x, cdtype, fmt)
+    sum_g, dot = _grad_sums(g, x, None if shortcut else per_channel(center, ndim), out=xc)
+    v, offset = (x, center) if shortcut else (xc, delta)
+    dot = dot - offset * sum_g  # sum g * (x - mu)
+    d_weight = dot * invstd  # sum g * x_hat
+    dx = None
+    if need_x:
+        scale = invstd if weight is None else weight.to(cdtype) * invstd
+        k = -scale * invstd * invstd * dot / n
+        c = -scale * sum_g / n
+        # dx = k * (v - offset) + c + scale * g, slice by slice into one buffer (the second
+        # pass reads the slice from cache).
+        dx = _empty(x, cdtype, fmt) if shortcut else xc
+        k_, shift = per_channel(k, ndim), per_channel(c - k * offset, ndim)
+        scale_ = per_channel(scale, ndim)
+        for s in _sample_slices(dx):
+            _scale_shift(v[s], k_, shift, out=dx[s]).addcmul_(g[s], scale_)
+        dx = dx.to(grad_y.dtype)
+    return dx, d_weight, sum_g
+
+
+class _FastEvalFn(Function):
+    """Running statistics: ``forward(x, weight, bias, running_mean, running_var, eps) -> y``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        cdtype = compute_dtype(x.dtype)
+        ndim = x.dim()
+        mean, var = running_mean.to(cdtype), running_var.to(cdtype)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else weight.to(cdtype) * invstd
+        # (x - mean) * scale + beta in one buffer; mixed half/float operands promote to float32.
+        y = _empty(x, cdtype, output_memory_format(x))
+        torch.sub(x, per_channel(mean, ndim), out=y).mul_(per_channel(scale, ndim))
+        if bias is not None:
+            y.add_(per_channel(bias.to(cdtype), ndim))
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        _save_param_dtypes(ctx, weight, bias)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_y: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        x, weight, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the reference's differentiable form
+            grads = _backward(grad_y, x, weight, mean, var, ctx.eps, with_batch_stats=False)
+        else:
+            needs = ctx.needs_input_grad[:3]
+            grads = _eval_backward_fast(grad_y, x, weight, mean, var, ctx.eps, needs)
+        return (*_requested_grads(ctx, *grads), None, None, None)
+
+
+def _eval_backward_fast(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """First-order backward of the per-channel affine map, computing only the grads in
+    ``needs`` (of x, weight, bias; a frozen layer needs no pass over ``x``)."""
+    need_x, need_w, need_b = needs
+    fmt = suggest_memory_format(x)
+    ndim = x.dim()
+    g = grad_y.contiguous(memory_format=fmt)
+    invstd = torch.rsqrt(var + eps)
+    dx = d_weight = d_bias = None
+    if need_x:
+        scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+        dx = (g * per_channel(scale, ndim)).to(grad_y.dtype)
+    if need_w:
+        xc = x.contiguous(memory_format=fmt) - per_channel(mean, ndim)
+        d_weight = _channel_dot(g.to(mean.dtype), xc) * invstd
+    if need_b:
+        d_bias = _channel_sum(g, mean.dtype)
+    return dx, d_weight, d_bias
+
+
+def _select() -> tuple[type[Function], type[Function]] | None:
+    return (_FastTrainFn, _FastEvalFn) if enabled else None
+
+
+register_eager_functions(_select)
