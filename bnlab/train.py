@@ -147,8 +147,10 @@ class Trainer:
 
         for key, every in self.cfg.probe.items():
             if key.endswith("_every") and every > self.total_steps:
-                log.warning("probe.%s=%d is longer than this run (%d steps): %s is not measured",
-                            key, every, self.total_steps, key.removesuffix("_every"))
+                # (activations are also measured at step 0, the drift reference)
+                what = "measured at step 0 only" if key == "act_every" else "not measured"
+                log.warning("probe.%s=%d is longer than this run (%d steps): %s is %s", key,
+                            every, self.total_steps, key.removesuffix("_every"), what)
         batch = datasets.probe_batch(self.data, self.cfg.probe.batch_size)
         return Probes(self.cfg.probe, self.model, self.optimizer, F.cross_entropy, batch,
                       find_slots(self.model))
