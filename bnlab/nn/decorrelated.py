@@ -51,6 +51,7 @@ from torch.nn import init
 from torch.nn.parameter import Parameter
 
 from bnlab.nn.functional import affine, compute_dtype, per_channel, reduce_dims
+from bnlab.nn.state import Input1d, Input2d
 
 __all__ = ["DecorrelatedBatchNorm1d", "DecorrelatedBatchNorm2d"]
 
@@ -237,9 +238,6 @@ class _DecorrelatedBatchNorm(nn.Module):
             f"iterations={self.iterations}"
         )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
-
     def _check_input(self, input: Tensor) -> None:
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
@@ -386,7 +384,7 @@ def _no_autocast(x: Tensor) -> torch.autocast:
     return torch.autocast(x.device.type, enabled=False)
 
 
-class DecorrelatedBatchNorm1d(_DecorrelatedBatchNorm):
+class DecorrelatedBatchNorm1d(Input1d, _DecorrelatedBatchNorm):
     r"""Decorrelated batch norm (group-wise ZCA, DBN) or IterNorm over (N, C) or (N, C, L) input.
 
     See :mod:`bnlab.nn.decorrelated` for the formulas.
@@ -421,12 +419,8 @@ class DecorrelatedBatchNorm1d(_DecorrelatedBatchNorm):
         - Input: :math:`(N, C)` or :math:`(N, C, L)`; output: same shape.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
-
-class DecorrelatedBatchNorm2d(_DecorrelatedBatchNorm):
+class DecorrelatedBatchNorm2d(Input2d, _DecorrelatedBatchNorm):
     r"""Decorrelated batch norm (group-wise ZCA, DBN) or IterNorm over (N, C, H, W) input, in
     either memory format (the output keeps a channels_last input's format).
 
@@ -436,7 +430,3 @@ class DecorrelatedBatchNorm2d(_DecorrelatedBatchNorm):
     Shape:
         - Input: :math:`(N, C, H, W)`; output: same shape.
     """
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")

@@ -43,7 +43,7 @@ from bnlab.nn.batchnorm import batch_norm
 from bnlab.nn.compat import check_eps, check_params, empty_batch_output, verify_batch_size
 from bnlab.nn.functional import update_running_stats
 from bnlab.nn.groupnorm import Pool, pooled_row_norm
-from bnlab.nn.state import RunningStatsNorm
+from bnlab.nn.state import Input1d, Input2d, RunningStatsNorm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm"]
 
@@ -179,18 +179,10 @@ _DOC = r"""Ghost Batch Normalization (Hoffer et al., NeurIPS 2017) over a {shape
 """
 
 
-class GhostBatchNorm1d(_GhostBatchNorm):
+class GhostBatchNorm1d(Input1d, _GhostBatchNorm):
     __doc__ = _DOC.format(shape="2D or 3D", bn="BatchNorm1d", dims=r":math:`(N, C)` or "
                           r":math:`(N, C, L)`")
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
-
-class GhostBatchNorm2d(_GhostBatchNorm):
+class GhostBatchNorm2d(Input2d, _GhostBatchNorm):
     __doc__ = _DOC.format(shape="4D", bn="BatchNorm2d", dims=r":math:`(N, C, H, W)`")
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")

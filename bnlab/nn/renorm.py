@@ -43,7 +43,7 @@ from torch.utils.checkpoint import (
 from bnlab.nn.batchnorm import batch_norm
 from bnlab.nn.functional import batch_stats, compute_dtype
 from bnlab.nn.groupnorm import rows, sample_slices
-from bnlab.nn.state import RunningStatsNorm
+from bnlab.nn.state import Input1d, Input2d, RunningStatsNorm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
@@ -195,18 +195,10 @@ _DOC = r"""Batch Renormalization (Ioffe, NeurIPS 2017) over a {shape} input, wri
 """
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(Input1d, _BatchRenorm):
     __doc__ = _DOC.format(shape="2D or 3D", bn="BatchNorm1d", dims=r":math:`(N, C)` or "
                           r":math:`(N, C, L)`")
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
-
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(Input2d, _BatchRenorm):
     __doc__ = _DOC.format(shape="4D", bn="BatchNorm2d", dims=r":math:`(N, C, H, W)`")
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")

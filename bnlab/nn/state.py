@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.parameter import Parameter
 
-__all__ = ["RunningStatsNorm"]
+__all__ = ["Input1d", "Input2d", "RunningStatsNorm"]
 
 
 class RunningStatsNorm(nn.Module):
@@ -156,3 +156,19 @@ class RunningStatsNorm(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+class Input1d:
+    """Mixin: the input ranks of torch's ``BatchNorm1d``, ``(N, C)`` or ``(N, C, L)``."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class Input2d:
+    """Mixin: the input rank of torch's ``BatchNorm2d``, ``(N, C, H, W)``."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
