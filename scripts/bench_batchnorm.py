@@ -157,10 +157,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per variant")
     parser.add_argument("--channels-last", action="store_true",
                         help="NHWC inputs (what bnlab train uses on CPU) instead of NCHW")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (1 is less disturbed by a busy machine)")
     args = parser.parse_args()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     keep_freed_memory()
     rounds = args.rounds or (7 if args.quick else 31)
     warmup = 2 if args.quick else 5
