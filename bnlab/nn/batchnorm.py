@@ -219,6 +219,7 @@ def register_eager_functions(select: Callable[[], _Functions | None] | None) -> 
 
 
 def _functions() -> _Functions:
+    """The ``(train, eval)`` Functions of this call: the registered ones if they take it."""
     if _eager_functions is not None and not torch.compiler.is_compiling():
         selected = _eager_functions()
         if selected is not None:
