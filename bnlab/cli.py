@@ -164,6 +164,7 @@ def _check_sweep_jobs(config: DictConfig) -> None:
             hydra_config.set_config(job_cfg)  # for ${hydra:...} in the job's values
             try:
                 _check_job(job_cfg, here)
+                _check_job_dir_name(str(job_cfg.hydra.sweep.subdir))
             except USER_ERRORS as e:
                 name = " ".join(job[i] for i in varying) if varying else " ".join(job)
                 full = os.environ.get(ONE_LINE_ERRORS) == "0"  # keep the cause for the traceback
@@ -171,6 +172,19 @@ def _check_sweep_jobs(config: DictConfig) -> None:
                     e if full else None)
     finally:
         hydra_config.cfg = previous
+
+
+NAME_MAX = 255  # bytes of one path component on Linux and macOS file systems
+
+
+def _check_job_dir_name(subdir: str) -> None:
+    """A job dir named from many overrides can exceed the file system's name limit, which would
+    fail only when Hydra creates it, mid-sweep."""
+    for part in Path(subdir).parts:
+        if len(part.encode()) > NAME_MAX:
+            raise UsageError(f"the job dir name {part[:40]!r}... is {len(part.encode())} bytes, "
+                             f"over the file system's {NAME_MAX}; name job dirs with fewer "
+                             "keys, e.g. hydra.sweep.subdir='norm=${norm.name},seed=${seed}'")
 
 
 def _check_writable(folder: Path) -> None:

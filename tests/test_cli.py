@@ -339,3 +339,18 @@ def test_hparams_columns_start_with_what_users_compare(tmp_path, cifar_root):
     assert names[:4] == ["norm", "lr", "dropout", "batch_size"]
     assert [m.name.tag for m in experiment.metric_infos] == [
         "hparam/final_test_acc", "hparam/best_test_acc", "hparam/diverged"]
+
+
+def test_a_sweep_whose_job_dir_names_are_too_long_fails_before_any_job(tmp_path, cifar_root):
+    sweep = tmp_path / "sweep"
+    long = ["data.augment.crop=true", *(f"probe.{k}_every=0" for k in
+                                         ("act", "hist", "white", "grad", "bnstats", "ics",
+                                          "landscape")), "eval.precise_bn_batches=0",
+            "norm.momentum=0.01", "optim.weight_decay=0.0005", "optim.nesterov=false",
+            "model.hidden=16", "model.conv_dropout=0.0", "data.augment.flip=true"]
+    r = bnlab("train", "-m", *tiny(cifar_root, "norm=custom,torch", *long,
+                                   f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "bytes, over the file system's 255" in line and "no job was started" in line
+    assert not sweep.exists()
