@@ -56,6 +56,11 @@ else
     DATA_ARGS=(data=cifar10 "data.root=$DATA_ROOT")
     DEVICE_ARGS=(device=cpu)
 fi
+# THREADS=1 sets bnlab's torch thread count. On a shared, loaded 2-core CPU one thread per job is
+# 8-30x faster than torch's default of one per core (threads waiting on each other; measured
+# 2026-11-30: cnn custom BN 832 vs 106 img/s at batch 128, 203 vs 6 img/s at batch 2); results
+# agree with a multi-thread run to ~6 digits, not bit for bit (reductions split differently).
+[[ -n ${THREADS:-} ]] && DEVICE_ARGS+=("threads=$THREADS")
 mkdir -p "$OUT_DIR" "$FIG_DIR"
 
 # pick SUBSET FULL [SMOKE]: the value for the current scale (SMOKE defaults to SUBSET).
@@ -80,6 +85,12 @@ sweep() {
     shift
     local smoke_args=()
     [[ $SCALE == smoke ]] && smoke_args=(epochs=1 data.train_size=512 data.test_size=256)
+    # ANALYZE_ONLY=1: train nothing, redo the tables and figures from the runs on disk (e.g.
+    # after stopping a sweep early; unfinished runs are listed apart or left out).
+    if [[ ${ANALYZE_ONLY:-0} == 1 ]]; then
+        log "sweep $subdir: skipped (ANALYZE_ONLY=1)"
+        return 0
+    fi
     log "sweep $subdir: $*"
     bnlab train -m "${DATA_ARGS[@]}" "${DEVICE_ARGS[@]}" progress=false resume=true \
         "hydra.sweep.dir=$OUT_DIR/$subdir" "$@" "${smoke_args[@]}"
@@ -176,5 +187,130 @@ for setting, by_tag in means.items():
                      (f" ± {statistics.stdev(v):.2g}" if len(v) > 1 else ""))
     n = max((len(v) for v in by_tag.values()), default=0)
     print(f"| {setting} | {n} | " + " | ".join(cells) + " |")
+PY
+}
+
+# study_table RUN_DIR... -- COLUMN...: a markdown table, one row per setting (the run dir's name
+# with its seed=N override taken out), mean ± std over seeds, for the numbers the study scripts
+# need beyond `bnlab compare`'s columns. A COLUMN is
+#   m:KEY              metrics.json KEY (accuracies in percent)
+#   h:KEY@EPOCH        history[EPOCH-1][KEY] (per-epoch test_acc, test_acc_precise_bn, ...)
+#   h:KEY@last         the last history entry's KEY
+#   e:PREFIX[:AGG]     event scalars whose tag starts with PREFIX: per tag (layer) the mean over
+#                      steps (AGG=mean, default), the last value (last), the first (first) or
+#                      the first at or after step N (at=N), then the mean over tags;
+#                      non-finite values left out
+#   d:a-b              column a minus column b (both by index, 0-based), per seed
+# PREFIX may list alternatives, a|b|c (tags starting with any of them). LABEL=COLUMN (LABEL
+# without ':') names the column's header.
+# Diverged runs enter m:/e: columns like finished ones; h: columns of epochs they did not reach
+# are left out of the mean (the count per cell says how many seeds made it).
+study_table() {
+    python - "$@" <<'PY'
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from bnlab.analysis.events import read_events
+
+args = sys.argv[1:]
+split = args.index("--")
+dirs, cols = [Path(d) for d in args[:split]], args[split + 1:]
+labels = []
+for i, col in enumerate(cols):
+    head, eq, rest = col.partition("=")
+    named = eq and ":" not in head
+    labels.append(head if named else col)
+    cols[i] = rest if named else col
+
+
+def value(run_dir, metrics, events, col):
+    kind, _, spec = col.partition(":")
+    if kind == "m":
+        v = metrics.get(spec)
+    elif kind == "h":
+        key, _, epoch = spec.partition("@")
+        hist = metrics.get("history") or []
+        if epoch == "last":
+            entry = hist[-1] if hist else {}
+        else:
+            entry = hist[int(epoch) - 1] if len(hist) >= int(epoch) else {}
+        v = entry.get(key)
+    elif kind == "e":
+        prefix, _, agg = spec.partition(":")
+        per_tag = []
+        for tag, series in events.scalars.items():
+            if not tag.startswith(tuple(prefix.split("|"))):
+                continue
+            vals = series.values[np.isfinite(series.values)]
+            if vals.size:
+                if agg.startswith("at="):  # the first value logged at or after step N
+                    later = series.steps[np.isfinite(series.values)] >= int(agg[3:])
+                    if later.any():
+                        per_tag.append(vals[later][0])
+                    continue
+                per_tag.append({"last": vals[-1], "first": vals[0]}.get(agg, vals.mean()))
+        v = float(np.mean(per_tag)) if per_tag else None
+    else:
+        raise SystemExit(f"study_table: unknown column {col}")
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok:
+        return None
+    return 100 * v if "acc" in spec.split("@")[0].split(":")[0] else float(v)
+
+
+rows = defaultdict(list)  # setting -> per-run list of column values
+root = Path(os.path.commonpath([d.resolve() for d in dirs])) if len(dirs) > 1 else dirs[0].resolve().parent
+for d in dirs:
+    mfile = d / "metrics.json"
+    if not mfile.exists():
+        continue
+    metrics = json.loads(mfile.read_text())
+    if metrics.get("status") not in ("completed", "diverged"):
+        continue
+    need_events = any(c.startswith("e:") for c in cols)
+    events = read_events(d, histograms=False) if need_events else None
+    vals = []
+    for col in cols:
+        if col.startswith("d:"):
+            a, b = (int(i) for i in col[2:].split("-"))
+            vals.append(None if vals[a] is None or vals[b] is None else vals[a] - vals[b])
+        else:
+            vals.append(value(d, metrics, events, col))
+    # The path below the dirs' common folder, so a setting named by its sweep dir(s) shows.
+    rel = d.resolve().relative_to(root).as_posix().replace("/", ",")
+    setting = re.sub(r",?seed=\d+", "", rel).strip(",")
+    rows[setting].append(vals)
+
+
+def cell(values):
+    v = [x for x in values if x is not None]
+    if not v:
+        return "–"
+    fmt = (lambda x: f"{x:.3g}") if max(abs(x) for x in v) < 10 else (lambda x: f"{x:.1f}")
+    text = fmt(statistics.fmean(v))
+    if len(v) > 1:
+        text += f" ± {fmt(statistics.stdev(v))}"
+    return text + (f" ({len(v)})" if len(v) != len(values) else "")
+
+
+# Label each row by the overrides that differ between rows (the rest is the same everywhere).
+parts = {s: s.split(",") for s in rows}
+common = set.intersection(*(set(p) for p in parts.values())) if len(rows) > 1 else set()
+print("| setting | seeds | " + " | ".join(labels) + " |")
+print("|---" * (len(cols) + 2) + "|")
+for setting in sorted(rows, key=lambda s: [int(t) if t.isdigit() else t
+                                           for t in re.split(r"(\d+)", s)]):
+    runs = rows[setting]
+    label = ",".join(p for p in parts[setting] if p not in common) or setting
+    print(f"| {label} | {len(runs)} | "
+          + " | ".join(cell([r[i] for r in runs]) for i in range(len(cols))) + " |")
 PY
 }
