@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Function
 from torch.nn import init
-from torch.nn.parameter import Parameter
 
 from bnlab.nn.functional import compute_dtype
+from bnlab.nn.state import register_affine
 
 __all__ = ["GroupNorm", "group_norm", "pooled_row_norm", "rows", "sample_slices"]
 
@@ -314,15 +314,7 @@ class GroupNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
-        if self.affine:
-            self.weight = Parameter(torch.empty(num_channels, **factory_kwargs))
-            if bias:
-                self.bias = Parameter(torch.empty(num_channels, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_channels, affine, bias, factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

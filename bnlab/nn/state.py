@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.parameter import Parameter
 
-__all__ = ["Input1d", "Input2d", "RunningStatsNorm"]
+__all__ = ["Input1d", "Input2d", "RunningStatsNorm", "register_affine"]
 
 
 class RunningStatsNorm(nn.Module):
@@ -58,15 +58,7 @@ class RunningStatsNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if self.affine:
-            self.weight = Parameter(torch.empty(num_features, **factory_kwargs))
-            if bias:
-                self.bias = Parameter(torch.empty(num_features, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine, bias, factory_kwargs)
         if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
             self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
@@ -156,6 +148,22 @@ class RunningStatsNorm(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def register_affine(module: nn.Module, num_features: int, affine: bool, bias: bool,
+                    factory_kwargs: dict[str, Any]) -> None:
+    """Register γ (``weight``) and β (``bias``) of ``num_features``, or None for either, as
+    torch's norm layers do (``affine=False``: neither; ``bias=False``: no β); values are set by
+    the layer's ``reset_parameters``."""
+    if affine:
+        module.weight = Parameter(torch.empty(num_features, **factory_kwargs))
+        if bias:
+            module.bias = Parameter(torch.empty(num_features, **factory_kwargs))
+        else:
+            module.register_parameter("bias", None)
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
 
 
 class Input1d:
