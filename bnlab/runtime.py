@@ -1,4 +1,5 @@
-"""Where and how a run executes: process setup, device, memory format, compilation, memory use.
+"""Where and how a run executes: process setup, device, memory format, compilation, memory use,
+and stopping cleanly on SIGINT/SIGTERM.
 
 :func:`setup_process` changes the whole process (threads, deterministic kernels, glibc's
 allocator), so only the CLI calls it, once, before training; the training loop itself never
@@ -7,11 +8,15 @@ changes process state beyond seeding its own generators.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
 import resource
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -19,6 +24,10 @@ from torch import nn
 from torch.utils import deterministic
 
 from bnlab.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's codes for a signal death
 
 
 def setup_process(cfg: DictConfig) -> None:
@@ -114,3 +123,26 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, else KiB
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """Turn the first SIGINT/SIGTERM into a request to stop at the next safe point (the list
+    receives the signal number); a second one interrupts at once."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():  # signals go to main only
+        yield received
+        return
+    old = {s: signal.signal(s, handler) for s in EXIT_CODES}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -13,9 +13,7 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,10 +26,11 @@ from torch import nn
 
 from bnlab import data as datasets
 from bnlab import registry
+from bnlab.checkpoint import load_checkpoint, rng_state, set_rng_state
 from bnlab.config import validate
 from bnlab.errors import UsageError
+from bnlab.evaluation import evaluate, evaluate_precise_bn
 from bnlab.models import find_slots
-from bnlab.precise_bn import precise_bn_copy
 from bnlab.rundir import (
     CHECKPOINT,
     METRICS,
@@ -42,16 +41,20 @@ from bnlab.rundir import (
     write_atomic,
     write_json,
 )
-from bnlab.runtime import compile_model, memory_format, peak_rss_mb, pick_device
+from bnlab.runtime import (
+    EXIT_CODES,
+    compile_model,
+    memory_format,
+    peak_rss_mb,
+    pick_device,
+    stop_on_signals,
+)
 from bnlab.tracking import Tracker
 
 if TYPE_CHECKING:
     from bnlab.probes import Measurements, Probes
 
 log = logging.getLogger(__name__)
-
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
 
 # -- building blocks ---------------------------------------------------------------------------
 
@@ -60,42 +63,6 @@ def build(cfg: DictConfig, device: torch.device, fmt: torch.memory_format) -> nn
     """The model of ``cfg.model`` with ``cfg.norm`` in its slots, on ``device``, layout ``fmt``."""
     model = registry.build("model", cfg.model).build(registry.build("norm", cfg.norm))
     return model.to(device=device, memory_format=fmt)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[list[int]]:
-    """Turn the first SIGINT/SIGTERM into a request to stop at the next safe point (the list
-    receives the signal number); a second one interrupts at once."""
-    received: list[int] = []
-
-    def handler(signum: int, frame: object) -> None:
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
-
-    if threading.current_thread() is not threading.main_thread():  # signals go to main only
-        yield received
-        return
-    old = {s: signal.signal(s, handler) for s in EXIT_CODES}
-    try:
-        yield received
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -163,11 +130,7 @@ class Trainer:
                 "probes": self.probes.state_dict() if self.probes else None}
 
     def restore(self, path: Path) -> None:
-        try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say so, don't crash
-            raise UsageError(f"cannot resume from {path}: {e.__class__.__name__}: {e}; "
-                             "pass overwrite=true to start over") from None
+        ckpt = load_checkpoint(path, self.device)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], self.device)
@@ -235,33 +198,6 @@ class Trainer:
         loss, acc = values.mean(0).tolist()
         return loss, acc / n
 
-    @torch.no_grad()
-    def evaluate(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
-        """Test loss and accuracy of ``forward`` (the model or a Precise BN copy), eval mode."""
-        self.model.eval()
-        loss, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        split = self.data.test
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.amp):
-            for x, y in datasets.eval_batches(self.data, split, self.cfg.eval_batch_size):
-                out = forward(x.contiguous(memory_format=self.memory_format)).float()
-                loss += F.cross_entropy(out, y, reduction="sum")
-                correct += (out.argmax(1) == y).sum()
-        self.model.train()
-        return loss.item() / len(split), correct.item() / len(split)
-
-    def evaluate_precise_bn(self) -> tuple[float, float]:
-        """Test loss and accuracy with Precise BN: the norm layers' statistics re-estimated from
-        ``eval.precise_bn_batches`` training batches of this epoch, in a copy of the model
-        (the run itself is untouched; batches are drawn without the global RNG)."""
-        batches = datasets.train_batches(self.data, self.cfg.batch_size, self.cfg.seed,
-                                         self.state.epoch, 0, 0, self.cfg.data.augment)
-        inputs = (x.contiguous(memory_format=self.memory_format) for x, _ in batches)
-        with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16,
-                                             enabled=self.cfg.amp):
-            twin = precise_bn_copy(self.model, inputs, self.cfg.eval.precise_bn_batches)
-        twin.eval()
-        return self.evaluate(twin)
-
     # -- outputs
 
     def metrics(self, status: str) -> dict:
@@ -288,7 +224,8 @@ class Trainer:
 
     def end_epoch(self, tracker: Tracker) -> None:
         s = self.state
-        test_loss, test_acc = self.evaluate(self.forward)
+        test_loss, test_acc = evaluate(self.model, self.forward, self.data, self.cfg,
+                                       self.memory_format)
         s.epoch += 1
         s.batch = 0
         s.best_test_acc = max(test_acc, s.best_test_acc or 0.0)
@@ -297,8 +234,8 @@ class Trainer:
                  "train_acc": s.epoch_correct / max(1, s.epoch_seen),
                  "test_loss": test_loss, "test_acc": test_acc}
         if self.cfg.eval.precise_bn_batches:
-            entry["test_loss_precise_bn"], entry["test_acc_precise_bn"] = \
-                self.evaluate_precise_bn()
+            entry["test_loss_precise_bn"], entry["test_acc_precise_bn"] = evaluate_precise_bn(
+                self.model, self.data, self.cfg, self.memory_format, s.epoch)
             tracker.scalars({"test/loss_precise_bn": entry["test_loss_precise_bn"],
                              "test/acc_precise_bn": entry["test_acc_precise_bn"]}, s.step)
         s.history.append(entry)
