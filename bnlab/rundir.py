@@ -102,6 +102,33 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> dict | None:
     return None
 
 
+def check_train_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """``bnlab train``'s guard of its run dir (:func:`check_run_dir` with the run's flags)."""
+    check_run_dir(run_dir, cfg.resume, cfg.overwrite)
+
+
+def train_summary(run_dir: Path) -> list[str]:
+    """The end of a training run, however it ended: status, accuracy, time, and where to look
+    (nothing while the run is still running or never wrote metrics)."""
+    m = read_metrics(run_dir)
+    if m is None or m.get("status") == "running":
+        return []
+    status, acc, best = m["status"], m.get("final_test_acc"), m.get("best_test_acc")
+    if m.get("diverged"):
+        lr = m.get("lr_at_divergence")
+        result = f"diverged at step {m['diverged_step']}" + (f" (lr {lr:.3g})" if lr else "")
+    elif acc is not None:
+        result = f"test acc {acc:.4f} (best {best:.4f})"
+    else:
+        result = f"{m.get('steps', 0)} steps"
+    lines = [f"{status}: {result}, {m.get('wall_time_s', 0):.1f} s, run dir {run_dir}"]
+    if status == "interrupted":
+        lines.append(f"  continue: bnlab train resume={run_dir}")
+    lines.append(f"  look at it: tensorboard --logdir {run_dir}   |   "
+                 f"bnlab plot {run_dir} --out {run_dir / 'activations.png'}")
+    return lines
+
+
 def clear_run_outputs(run_dir: Path) -> None:
     """``overwrite=true``: remove the old run's outputs (not Hydra's fresh .hydra/ files)."""
     for path in [*run_dir.glob(EVENT_GLOB), run_dir / CHECKPOINT, run_dir / METRICS]:
