@@ -676,6 +676,7 @@ def test_meta_device_and_to():
     assert m.running_var.dtype == torch.float64 and m.num_batches_tracked.dtype == torch.long
 
 
+@pytest.mark.slow
 def test_torch_compile_aot_eager():
     """dynamo traces the custom autograd.Function without graph breaks; results match torch."""
     ours, ref = make_pair(2)

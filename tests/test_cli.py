@@ -24,7 +24,8 @@ METRIC_KEYS = {"status", "final_test_acc", "best_test_acc", "final_train_loss", 
                "images_per_s", "peak_rss_mb", "config", "history"}
 
 
-@pytest.mark.parametrize("norm", ["custom", "torch", "none"])
+@pytest.mark.parametrize("norm", ["custom", pytest.param("torch", marks=pytest.mark.slow),
+                                  pytest.param("none", marks=pytest.mark.slow)])
 def test_single_run_writes_a_self_contained_run_dir(tmp_path, cifar_root, norm):
     run_dir = tmp_path / "run"
     r = bnlab("train", *tiny(cifar_root, f"norm={norm}", "probe=off", f"hydra.run.dir={run_dir}"),
@@ -52,6 +53,7 @@ def test_single_run_writes_a_self_contained_run_dir(tmp_path, cifar_root, norm):
     assert (run_dir / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_sweep_names_job_dirs_from_overrides_and_survives_divergence(tmp_path, cifar_root):
     sweep = tmp_path / "sweep"
     r = bnlab("train", "-m", *tiny(cifar_root, "probe=off", "norm=torch,none",
@@ -70,6 +72,7 @@ def test_sweep_names_job_dirs_from_overrides_and_survives_divergence(tmp_path, c
         assert m["final_test_acc"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_a_bad_value_in_any_sweep_job_fails_before_the_first_job_starts(tmp_path, cifar_root,
                                                                        launcher):
@@ -93,6 +96,7 @@ def test_a_bad_value_in_any_sweep_job_fails_before_the_first_job_starts(tmp_path
     # On a cluster the jobs' device and data are the nodes', not this machine's.
     ["hydra/launcher=slurm", "device=cuda:7", "data.root=/only/on/the/nodes"],
 ], ids=["hydra-interpolation", "slurm"])
+@pytest.mark.slow
 def test_the_sweep_check_sees_each_job_as_it_will_run(tmp_path, cifar_root, extra):
     sweep = tmp_path / "sweep"
     r = bnlab("train", "-m", *tiny(cifar_root, *extra, "model.dropout=0,1.5",
@@ -208,6 +212,7 @@ def test_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch, caplog
     assert "not guarded against a second process" in caplog.text
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_console_has_no_traceback(tmp_path, cifar_root):
     r = bnlab("train", *tiny(cifar_root, "probe=off", "optim.lr=-1"), cwd=tmp_path)
     assert r.returncode == 2
@@ -216,6 +221,7 @@ def test_bad_input_from_the_console_has_no_traceback(tmp_path, cifar_root):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_dir_is_not_overwritten_unless_asked(tmp_path, cifar_root, finished_run):
     before = digest(finished_run)
     r = bnlab("train", *tiny(cifar_root, "probe=off", "norm=none",
@@ -232,6 +238,7 @@ def test_a_finished_run_dir_is_not_overwritten_unless_asked(tmp_path, cifar_root
     assert metrics(finished_run) == results
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over_cleanly(tmp_path, cifar_root, finished_run):
     run_dir = tmp_path / "copy"
     shutil.copytree(finished_run, run_dir)
@@ -242,6 +249,7 @@ def test_overwrite_starts_over_cleanly(tmp_path, cifar_root, finished_run):
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_is_a_clear_error(tmp_path, cifar_root):
     if os.geteuid() == 0:
         target = Path("/proc/bnlab-run")  # not even root can create a dir here
@@ -255,6 +263,7 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path, cifar_root):
     assert len(lines) == 1 and "cannot write" in lines[0] and str(target) in lines[0]
 
 
+@pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback(tmp_path, cifar_root):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     r = bnlab("train", *tiny(cifar_root, "probe=off", "optim.lr=-1"), cwd=tmp_path, env=env)
@@ -300,6 +309,7 @@ def test_the_run_dir_lock_is_held_from_the_check_through_the_run(tmp_path, cifar
     assert not is_locked()  # released at the end
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_a_summary_of_where_it_went(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     r = bnlab("train", *tiny(cifar_root, "probe=full", "epochs=1", f"hydra.run.dir={run_dir}"),
@@ -315,6 +325,7 @@ def test_a_run_ends_with_a_summary_of_where_it_went(tmp_path, cifar_root):
     assert r.stdout.count("probe.ics_every=100 is longer than this run (10 steps)") == 1
 
 
+@pytest.mark.slow
 def test_a_sweep_ends_with_the_compare_command(tmp_path, cifar_root):
     sweep = tmp_path / "sweep"
     r = bnlab("train", "-m", *tiny(cifar_root, "probe=off", "epochs=1", "seed=0,1",
@@ -323,6 +334,7 @@ def test_a_sweep_ends_with_the_compare_command(tmp_path, cifar_root):
     assert f"compare: bnlab compare {sweep}" in r.stdout
 
 
+@pytest.mark.slow
 def test_hparams_columns_start_with_what_users_compare(tmp_path, cifar_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -341,6 +353,7 @@ def test_hparams_columns_start_with_what_users_compare(tmp_path, cifar_root):
         "hparam/final_test_acc", "hparam/best_test_acc", "hparam/diverged"]
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_job_dir_names_are_too_long_fails_before_any_job(tmp_path, cifar_root):
     sweep = tmp_path / "sweep"
     long = ["data.augment.crop=true", *(f"probe.{k}_every=0" for k in

@@ -188,6 +188,7 @@ def test_csv_parses_with_one_row_per_setting_and_unfinished_run(sweep, tmp_path)
     assert (tmp_path / "results_lr.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.slow
 def test_markdown_and_plain_table_files(sweep, tmp_path):
     root, _ = sweep
     markdown = tmp_path / "results.md"
@@ -317,6 +318,7 @@ def test_failed_compare_leaves_existing_files_alone(sweep, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir.png", "results.csv"]
 
 
+@pytest.mark.slow
 def test_end_to_end_a_tiny_real_sweep_compares_and_plots(tmp_path, capsys):
     """`bnlab train -m` on tiny synthetic data, then compare and plot its sweep dir."""
     sweep = tmp_path / "sweep"

@@ -38,6 +38,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_custom_bn_model_matches_eager(models):
     eager, compiled_model, compiled = models
     gen = torch.Generator().manual_seed(1)
@@ -112,6 +113,7 @@ def test_cpu_compile_calls_aten_pooling_in_one_graph(norm):
     assert pooling == ["bnlab.max_pool2d.default"] * 2, pooling
 
 
+@pytest.mark.slow
 def test_cpu_compile_draws_eager_random_numbers():
     """``compile_model`` on CPU (Inductor, as ``bnlab train compile=true``) takes random numbers
     from ATen's generator, so with the same seed a compiled noisy layer adds eager's noise and

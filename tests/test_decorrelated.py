@@ -461,6 +461,7 @@ def test_autocast_does_not_lower_the_precision(whitening):
         torch.testing.assert_close(layer.batch_whitening(x), layer.batch_whitening(x.float()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whitening", WHITENINGS)
 def test_torch_compile_matches_eager(whitening):
     torch._dynamo.reset()

@@ -11,6 +11,7 @@ from tests.cli import bnlab, metrics, tiny
 GRID = ("norm=torch,none",)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["parallel", "local"])
 def test_sweep_through_launcher_plugin_completes(tmp_path, cifar_root, launcher):
     sweep = tmp_path / "sweep"

@@ -128,6 +128,7 @@ def _mmapped_bytes(**env: str) -> int:
     return int(r.stdout.split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux")
                     or not hasattr(ctypes.CDLL(None), "mallinfo2"),
                     reason="glibc >= 2.33 malloc statistics")

@@ -46,6 +46,7 @@ def test_optimizers_are_built_with_their_settings():
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.8, 0.99)
 
 
+@pytest.mark.slow
 def test_the_range_test_stops_at_divergence_and_records_the_lr(tmp_path, cifar_root):
     run_dir = tmp_path / "run"
     r = bnlab("train", *tiny(cifar_root, "probe=off", "sched=lr_range", "sched.lr_min=1e-3",

@@ -31,6 +31,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
+@pytest.mark.slow
 def test_png_figure_of_runs_side_by_side(runs, tmp_path, capsys):
     out = tmp_path / "fig.png"
     run_plot([runs["custom"], runs["none"]], out, layers=["features.0"])

@@ -8,6 +8,7 @@ import torch
 from tests.cli import bnlab, metrics, scalars, tiny
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["custom", "dbn"])
 def test_precise_bn_records_both_accuracies_and_trains_identically(tmp_path, cifar_root, norm):
     runs = {}

@@ -23,6 +23,7 @@ def run(tmp_path, root, name: str, *extra: str):
     return run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["custom", "torch", "none", "noisy", "renorm", "dbn"])
 def test_probes_are_read_only_in_a_real_run(tmp_path, cifar_root, norm):
     off = run(tmp_path, cifar_root, "off", f"norm={norm}", "epochs=1", "probe=off")
@@ -43,6 +44,7 @@ def test_probes_are_read_only_in_a_real_run(tmp_path, cifar_root, norm):
     assert metrics(off)["history"] == metrics(on)["history"]
 
 
+@pytest.mark.slow
 def test_probe_tags_and_steps_read_back_from_the_event_files(tmp_path, cifar_root):
     run_dir = run(tmp_path, cifar_root, "on", "norm=custom", *PROBES)
     tags = scalars(run_dir)

@@ -46,6 +46,7 @@ def test_each_config_file_names_its_registered_class(group):
         assert set(node) - {"_target_"} == set(cls.model_fields), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_validates_with_its_defaults(group):
     for name in REGISTRY[group]:
@@ -198,6 +199,7 @@ def test_no_import_cycles_and_no_module_over_450_lines():
             visit(name, [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "key"), [(["optim=adam", "optim.beta2=1.5"], "optim.beta2"),
                                            (["norm=renorm", "norm.r_max=0.5"], "norm.r_max"),
                                            (["norm=ghost", "norm.virtual_batch_size=1"],

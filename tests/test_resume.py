@@ -62,6 +62,7 @@ def twin(tmp_path_factory, cifar_root) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, cifar_root, twin):
     run_dir = tmp_path / "run"
     proc = start(cifar_root, run_dir)
@@ -77,6 +78,7 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, cifar_root
     assert_same_run(twin, run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_saves_and_resumes_exactly(tmp_path, cifar_root, twin, signum, code):
     run_dir = tmp_path / "run"
@@ -103,6 +105,7 @@ def unfinished_copy(twin: Path, tmp_path: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_corrupt_checkpoint(tmp_path, twin):
     run_dir = unfinished_copy(twin, tmp_path)
     (run_dir / "checkpoint.pt").write_bytes(b"garbage")
@@ -110,6 +113,7 @@ def test_resume_refuses_a_corrupt_checkpoint(tmp_path, twin):
     assert r.returncode == 2 and r.stderr.startswith("error: cannot resume from"), r.stderr
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, twin):
     class Evil:
         def __reduce__(self):
@@ -122,6 +126,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, twin):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_rerun_sweep_with_resume_skips_finished_and_resumes_unfinished(tmp_path, cifar_root):
     sweep = tmp_path / "sweep"
     args = ["-m", *tiny(cifar_root, *ARGS, "seed=0,1", f"hydra.sweep.dir={sweep}")]
@@ -152,6 +157,7 @@ def mtime(path: Path) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_a_run_started_with_overwrite_resumes_without_losing_progress(tmp_path, cifar_root,
                                                                        twin):
     """A finished run, overwritten by a longer one that is interrupted, then `resume=DIR`: the
@@ -178,6 +184,7 @@ def test_a_run_started_with_overwrite_resumes_without_losing_progress(tmp_path, 
     assert_same_run(twin, run_dir)
 
 
+@pytest.mark.slow
 def test_resume_and_overwrite_together_is_an_error(tmp_path, twin):
     run_dir = unfinished_copy(twin, tmp_path)
     before = (run_dir / "checkpoint.pt").read_bytes()

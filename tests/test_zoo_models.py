@@ -37,6 +37,7 @@ def test_every_norm_fills_every_slot_of_every_model(model, norm):
     assert torch.isfinite(net(x)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ZOO)
 def test_compiled_model_matches_eager(norm):
     torch.manual_seed(0)
