@@ -40,8 +40,9 @@ def setup_process(cfg: DictConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     # Deterministic mode also fills every new tensor with NaN (a guard against reads of
-    # uninitialized memory): ~25M extra element writes, ~10% of a CPU step of model=cnn, and
-    # no op here reads such memory (weights are bit-identical with and without the fill).
+    # uninitialized memory): an extra write of every activation, a sizeable share of a CPU
+    # step (docs/benchmarks.md), and no op here reads such memory (weights are bit-identical
+    # with and without the fill).
     deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not cfg.deterministic
     keep_freed_memory()
@@ -55,11 +56,11 @@ def keep_freed_memory() -> None:
     """Let glibc's malloc reuse the memory of freed activations instead of handing it back to
     the OS and faulting it in again at the next step. By default a block at or above the
     (dynamic) mmap threshold gets fresh pages and the heap top is trimmed past the trim
-    threshold; with a CPU step's multi-megabyte tensors that is ~10k page faults per step, 12%
-    of a ``model=cnn`` step here, for no gain in peak RSS. The threshold cannot go above
-    32 MiB, and a (128, 64, 32, 32) float32 activation (VGG's first stage) is just above it,
-    so mmap is switched off for blocks the heap can hold (each such block was 8k page faults;
-    glibc still mmaps what a thread's arena cannot hold). Setting any of
+    threshold; with a CPU step's multi-megabyte tensors that is thousands of page faults per
+    step, a measurable share of a ``model=cnn`` step (docs/benchmarks.md), for no gain in peak
+    RSS. The threshold cannot go above 32 MiB, and a (128, 64, 32, 32) float32 activation
+    (VGG's first stage) is just above it, so mmap is switched off for blocks the heap can hold
+    (glibc still mmaps what a thread's arena cannot hold). Setting any of
     ``MALLOC_ENV`` leaves malloc as the user configured it;
     ``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` (a default value) keeps glibc's default
     behaviour."""
@@ -95,7 +96,7 @@ def pick_device(name: str) -> torch.device:
 
 def memory_format(cfg: DictConfig, device: torch.device) -> torch.memory_format:
     """The layout of conv weights and batches. ``auto`` is NHWC on CPU, where every model trained
-    faster with it (CPU max-pooling in NCHW alone took 16% of a cnn step; docs/benchmarks.md),
+    faster with it (CPU max-pooling in NCHW is slow; docs/benchmarks.md),
     and on CUDA with ``amp`` (tensor-core convs want NHWC); NCHW elsewhere."""
     nhwc = cfg.channels_last
     if nhwc == "auto":
@@ -106,8 +107,8 @@ def memory_format(cfg: DictConfig, device: torch.device) -> torch.memory_format:
 def compile_model(model: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile`` of ``model`` (``compile=true``). On CPU, random numbers come from ATen's
     generators (Inductor's ``fallback_random``): Inductor's own CPU random kernels made a
-    compiled noisy-BN cnn step 2x slower than eager, ATen's make it faster, and compiled runs
-    then draw exactly the noise and dropout masks of eager ones (docs/benchmarks.md)."""
+    compiled noisy-BN cnn step slower than eager (docs/benchmarks.md), and with ATen's compiled
+    runs draw exactly the noise and dropout masks of eager ones."""
     return torch.compile(model, options={"fallback_random": True} if device.type == "cpu" else None)
 
 
