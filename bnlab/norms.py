@@ -28,10 +28,17 @@ GroupSize = Annotated[int, Field(ge=1, description="channels whitened together (
 
 class NormOption(Option):
     """Base of the ``norm`` options; ``has_norm`` is False only for ``none`` (the layers before
-    an empty slot keep their bias)."""
+    an empty slot keep their bias). ``fast`` is a key of every option, so that a sweep over
+    norms can set it; it reaches the layers that have an eager fast path (``fast_path``: bnlab's
+    BN, noisy BN, Batch Renorm, Ghost BN, Group/Layer Norm) and means nothing for the others:
+    torch's layers run torch's kernels, ``none`` has no layer, and decorrelated BN and IterNorm
+    have one implementation, which is their reference."""
 
     group: ClassVar[str] = "norm"
     has_norm: ClassVar[bool] = True
+    fast_path: ClassVar[bool] = True
+    fast: bool = Field(description="eager fast paths (true/false; false: the reference code "
+                       "runs, as under compile)")
 
     def __call__(self, num_features: int, dims: int) -> nn.Module:
         slot = self.layer(num_features, dims)
@@ -51,7 +58,8 @@ class BatchNormOption(NormOption):
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
         cls = get_class(self.classes[dims - 1])
-        return cls(num_features, eps=self.eps, momentum=self.momentum, **self.layer_kwargs())
+        kwargs = {**self.layer_kwargs(), **({"fast": self.fast} if self.fast_path else {})}
+        return cls(num_features, eps=self.eps, momentum=self.momentum, **kwargs)
 
     def layer_kwargs(self) -> dict:
         return {}
@@ -69,6 +77,7 @@ class Torch(BatchNormOption):
 
     name: Literal["torch"] = "torch"
     classes = ("torch.nn.BatchNorm1d", "torch.nn.BatchNorm2d")
+    fast_path = False
 
 
 class NoNorm(NormOption):
@@ -79,6 +88,7 @@ class NoNorm(NormOption):
     eps: Eps
     momentum: Momentum
     has_norm = False
+    fast_path = False
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
         return nn.Identity()
@@ -154,7 +164,8 @@ class Group(NormOption):
         if num_features % self.num_groups:
             raise UsageError(f"norm.num_groups={self.num_groups} does not divide a norm slot of "
                              f"{num_features} channels; choose a divisor of every slot's width")
-        return get_class("bnlab.nn.GroupNorm")(self.num_groups, num_features, eps=self.eps)
+        return get_class("bnlab.nn.GroupNorm")(self.num_groups, num_features, eps=self.eps,
+                                               fast=self.fast)
 
 
 class Layer(NormOption):
@@ -164,7 +175,7 @@ class Layer(NormOption):
     eps: Eps
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
-        return get_class("bnlab.nn.GroupNorm")(1, num_features, eps=self.eps)
+        return get_class("bnlab.nn.GroupNorm")(1, num_features, eps=self.eps, fast=self.fast)
 
 
 class Decorrelated(BatchNormOption):
@@ -175,6 +186,7 @@ class Decorrelated(BatchNormOption):
     whitening: ClassVar[str] = "zca"
     classes = ("bnlab.nn.DecorrelatedBatchNorm1d",
                "bnlab.nn.DecorrelatedBatchNorm2d")
+    fast_path = False
 
     def layer_kwargs(self) -> dict:
         return {"group_size": self.group_size, "whitening": self.whitening}

@@ -10,22 +10,20 @@ statistics of the layer inputs over many training batches.
 (each layer's input then is what it is in training: upstream layers normalize with batch
 statistics) and accumulates, per layer with running statistics, the exact population
 statistics of its inputs over all values seen (every sample and position of every batch),
-in float64, merging per-batch moments with Chan et al.'s parallel formula (no E[x²] − E[x]²
-cancellation):
-
-- BN and its variants (``running_mean``/``running_var``; Batch Renorm, Ghost BN too: over the
-  whole batches, not per virtual batch): ``running_mean`` = population mean,
-  ``running_var`` = unbiased population variance (n − 1 in the denominator, as BN's own
-  running variance);
-- decorrelated BN (``running_whitening``): ``running_mean`` = population mean,
-  ``running_whitening`` = ``layer.whitening_from_covariance(cov)`` of the unbiased population
-  covariance.
+in float64, merging per-batch moments (:func:`bnlab.nn.functional.batch_stats`) with Chan et
+al.'s parallel formula (no E[x²] − E[x]² cancellation). The layers are found and loaded through
+the statistics interface (:mod:`bnlab.nn.stats`), whatever their type:
+``load_population_statistics`` gets the population mean and the unbiased population variance
+(n − 1 in the denominator, as BN's own running variance; BN and its variants, Batch Renorm and
+Ghost BN too: over the whole batches, not per virtual batch), or, for a layer whose statistics
+are a whitening (decorrelated BN, IterNorm), the unbiased population covariance, which the
+layer turns into its running whitening.
 
 Layers without running statistics (``track_running_stats=False``, Group Norm) are left alone;
-``num_batches_tracked`` and every parameter keep the original's values. The original model,
-its buffers, ``.grad`` and flags, and the global RNG streams are untouched: dropout and BN noise
-in the copy's forwards draw from a forked RNG seeded with the probes' fixed seed, so a run with
-Precise BN evaluations trains bit-identically to one without.
+every other buffer (``num_batches_tracked``) and every parameter keep the original's values. The
+original model, its buffers, ``.grad`` and flags, and the global RNG streams are untouched:
+dropout and BN noise in the copy's forwards draw from a forked RNG seeded with the probes' fixed
+seed, so a run with Precise BN evaluations trains bit-identically to one without.
 """
 
 from __future__ import annotations
@@ -37,7 +35,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from bnlab.probes.bnstats import is_decorrelated, running_stats_layers
+from bnlab.nn.functional import batch_stats, unbiased_variance
+from bnlab.nn.stats import batch_statistics_layers, statistics_of
 from bnlab.probes.readonly import fixed_rng
 
 
@@ -52,11 +51,14 @@ class _Moments:
         self.scatter: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
-        values = x.detach().movedim(1, -1).reshape(-1, x.shape[1]).double()
-        n_b = values.shape[0]
-        mean_b = values.mean(0)
-        centred = values - mean_b
-        scatter_b = centred.T @ centred if self.full else centred.square().sum(0)
+        x = x.detach()
+        n_b = x.numel() // x.shape[1]
+        mean_b, var_b = batch_stats(x, dtype=torch.float64)
+        if self.full:
+            centred = x.movedim(1, -1).reshape(-1, x.shape[1]).double() - mean_b
+            scatter_b = centred.T @ centred
+        else:
+            scatter_b = var_b * n_b
         if self.mean is None or self.scatter is None:
             self.n, self.mean, self.scatter = n_b, mean_b, scatter_b
             return
@@ -72,7 +74,7 @@ class _Moments:
         """The unbiased variance (or covariance matrix) of all values seen."""
         if self.scatter is None or self.n < 2:
             raise ValueError("Precise BN needs at least two values per channel")
-        return self.scatter / (self.n - 1)
+        return unbiased_variance(self.scatter / self.n, self.n)
 
 
 @torch.no_grad()
@@ -87,10 +89,11 @@ def precise_bn_copy(model: nn.Module, batches: Iterable[Tensor], num_batches: in
     if first is None:
         raise ValueError("precise_bn_copy: no batches to estimate the statistics from")
     twin = copy.deepcopy(model)
-    layers = running_stats_layers(twin)
-    moments = {name: _Moments(full=is_decorrelated(m)) for name, m in layers.items()}
-    counts = {name: m.num_batches_tracked.clone() for name, m in layers.items()
-              if isinstance(getattr(m, "num_batches_tracked", None), Tensor)}
+    layers = batch_statistics_layers(twin, running=True)
+    stats = {name: statistics_of(m) for name, m in layers.items()}
+    moments = {name: _Moments(full=s.running_statistics().whitens)  # type: ignore[union-attr]
+               for name, s in stats.items()}
+    buffers = [(b, b.clone()) for m in layers.values() for b in m.buffers(recurse=False)]
     modes = [(m, m.training) for m in twin.modules()]
     handles = [m.register_forward_pre_hook(
         lambda module, args, acc=moments[name]: acc.add(args[0])) for name, m in layers.items()]
@@ -106,19 +109,11 @@ def precise_bn_copy(model: nn.Module, batches: Iterable[Tensor], num_batches: in
             handle.remove()
         for m, training in modes:
             m.training = training
-    for name, layer in layers.items():
-        if moments[name].n:  # else the forward never reached it: nothing to estimate from
-            _set_statistics(layer, moments[name])
-        if name in counts:
-            layer.num_batches_tracked.copy_(counts[name])
+    for buffer, value in buffers:  # what the train-mode forwards moved (counters too)
+        buffer.copy_(value)
+    for name, layer_stats in stats.items():
+        acc = moments[name]
+        if acc.n:  # else the forward never reached it: nothing to estimate from
+            assert acc.mean is not None and layer_stats is not None
+            layer_stats.load_population_statistics(acc.mean, acc.covariance())
     return twin
-
-
-def _set_statistics(layer: nn.Module, moments: _Moments) -> None:
-    assert moments.mean is not None
-    cov = moments.covariance()
-    layer.running_mean.copy_(moments.mean)
-    if is_decorrelated(layer):
-        layer.running_whitening.copy_(layer.whitening_from_covariance(cov))
-    else:
-        layer.running_var.copy_(cov)

@@ -11,8 +11,8 @@ Variants:
 * ``torch``:  ``nn.BatchNorm2d`` in eager mode (native CPU kernel);
 * ``custom``: ``bnlab.nn.BatchNorm2d`` in eager mode: its eager fast path
   (``bnlab/nn/batchnorm_fast.py``), what ``bnlab train`` runs;
-* ``reference``: the same layer inside ``bnlab.nn.batchnorm_fast.disabled()``, i.e. the
-  reference implementation (``bnlab/nn/batchnorm.py``: plain tensor ops, hand-derived backward);
+* ``reference``: the same layer with ``fast=False`` (``norm.fast=false``), i.e. the reference
+  implementation (``bnlab/nn/batchnorm.py``: plain tensor ops, hand-derived backward);
 * ``naive``:  a textbook Python BN differentiated by autograd;
 * ``torch+compile`` / ``custom+compile``: ``torch.compile(layer)`` of each layer (default
   Inductor backend, static shapes); the compiled forward and the AOT-compiled backward are
@@ -33,7 +33,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
@@ -47,7 +46,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnlab.nn import BatchNorm2d, batchnorm_fast
+from bnlab.nn import BatchNorm2d
 from bnlab.runtime import keep_freed_memory
 
 SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)]
@@ -76,18 +75,11 @@ class NaiveBatchNorm2d(nn.Module):
         return x_hat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
-def make_step(
-    layer: nn.Module,
-    run: Callable[[Tensor], Tensor],
-    x: Tensor,
-    g: Tensor,
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-):
+def make_step(layer: nn.Module, run: Callable[[Tensor], Tensor], x: Tensor, g: Tensor):
     params = [x, layer.weight, layer.bias]
 
     def step() -> None:
-        with context():  # (the backward runs the implementation the forward chose)
-            y = run(x)
+        y = run(x)
         torch.autograd.grad(y, params, g)
 
     return step
@@ -106,8 +98,8 @@ def bench_shape(
         "naive": NaiveBatchNorm2d(c),
     }
     steps = {name: make_step(m, m, x, g) for name, m in layers.items()}
-    reference = BatchNorm2d(c)
-    steps["reference"] = make_step(reference, reference, x, g, batchnorm_fast.disabled)
+    reference = BatchNorm2d(c, fast=False)
+    steps["reference"] = make_step(reference, reference, x, g)
     if compile_:
         for name in ("torch", "custom"):
             m = type(layers[name])(c)

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bnlab.nn as bnn
 import bnlab.nn.batchnorm_fast as bnfast
+import bnlab.nn.passes as passes
 from bnlab.nn.batchnorm import _BatchNorm, batch_norm
 
 PAIRS = {
@@ -527,17 +528,18 @@ def test_huge_mean_is_numerically_stable(offset):
 
 def _force_slices(monkeypatch, samples_per_slice: int, bytes_per_sample: int) -> list[int]:
     """Make the eager layer walk small inputs a few samples at a time, as it walks large ones
-    (``_SLICE_BYTES``); returns the slice counts of every walk, to show the slices were used."""
-    monkeypatch.setattr(bnfast, "_SLICE_BYTES", samples_per_slice * bytes_per_sample)
+    (``_SLICE_BYTES``); returns the slice counts of every walk of the fast path, to show the
+    slices were used."""
+    monkeypatch.setattr(passes, "_SLICE_BYTES", samples_per_slice * bytes_per_sample)
     counts: list[int] = []
-    real = bnfast._sample_slices
+    real = passes.sample_slices
 
-    def spy(t):
-        slices = real(t)
+    def spy(t, align=1):
+        slices = real(t, align)
         counts.append(len(slices))
         return slices
 
-    monkeypatch.setattr(bnfast, "_sample_slices", spy)
+    monkeypatch.setattr(bnfast, "sample_slices", spy)
     return counts
 
 

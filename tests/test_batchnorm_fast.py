@@ -1,16 +1,16 @@
 """The eager fast path (bnlab.nn.batchnorm_fast) against the reference (bnlab.nn.batchnorm).
 
 Each comparison runs two copies of one layer on the same input and upstream gradient: one
-through the fast path (the default for eager calls), one inside ``batchnorm_fast.disabled()``,
-which runs the reference Functions. Which Function ran is read off the output's ``grad_fn``,
-and spies show which of the fast path's branches ran (sample slices, the well-conditioned
-shortcut, the corrected two-pass). With the fast path disabled the layer must still equal
-torch's, and ``torch.compile`` must trace the reference.
+through the fast path (``fast=True``, the default), one with ``fast=False``, which runs the
+reference Functions. Which Function ran is read off the output's ``grad_fn``, and spies show
+which of the fast path's branches ran (sample slices, the well-conditioned shortcut, the
+corrected two-pass). With the fast path off the layer must still equal torch's, and
+``torch.compile`` must trace the reference. The fast path's statistics equal the one
+definition, ``bnlab.nn.functional.batch_stats``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -19,6 +19,7 @@ from torch import nn
 
 import bnlab.nn.batchnorm as bnbn
 import bnlab.nn.batchnorm_fast as bnfast
+from bnlab.nn.functional import batch_stats
 from tests.test_batchnorm import (
     PAIRS,
     SHAPES,
@@ -30,7 +31,7 @@ from tests.test_batchnorm import (
     make_pair,
 )
 
-FAST = {bnfast._FastTrainFn._backward_cls, bnfast._FastEvalFn._backward_cls}
+FAST = {bnfast.FastTrainFn._backward_cls, bnfast.FastEvalFn._backward_cls}
 REFERENCE = {bnbn._BatchNormTrainFn._backward_cls, bnbn._BatchNormEvalFn._backward_cls}
 TOL = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
@@ -44,8 +45,8 @@ def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, *, fast: bool):
     """Forward + backward of ``layer`` through the fast path or the reference; returns the
     output, the grads of input/weight/bias and the output's grad_fn (the Function's ctx)."""
     x = x.detach().clone().requires_grad_()
-    with contextlib.nullcontext() if fast else bnfast.disabled():
-        y = layer(x)
+    layer.fast = fast
+    y = layer(x)
     assert type(y.grad_fn) in (FAST if fast else REFERENCE), type(y.grad_fn)
     params = [p for p in (layer.weight, layer.bias) if p is not None]
     return y, torch.autograd.grad(y, [x, *params], g), y.grad_fn
@@ -177,16 +178,17 @@ def test_fast_equals_reference_half_inputs(monkeypatch, x_dtype, param_dtype, tr
 
 
 def test_double_backward_fast_equals_reference():
-    """create_graph=True after a fast forward runs the reference's differentiable backward."""
+    """create_graph=True after a fast forward: differentiable grads, equal to the reference's."""
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64) * 2 + 1
     for training in (True, False):
         results = []
         for fast in (True, False):
             layer, _ = make_pair(2)
+            layer.fast = fast
             layer.double().train(training)
             xi = x.clone().requires_grad_()
-            with contextlib.nullcontext() if fast else bnfast.disabled():
-                y = layer(xi)
+            y = layer(xi)
+            assert type(y.grad_fn) in (FAST if fast else REFERENCE)
             (gx,) = torch.autograd.grad((y**3).sum(), xi, create_graph=True)
             results.append(torch.autograd.grad(gx.pow(2).sum(), [xi, layer.weight, layer.bias]))
         for a, b in zip(*results, strict=True):
@@ -194,7 +196,7 @@ def test_double_backward_fast_equals_reference():
 
 
 # ------------------------------------------------------------------------------------------
-# Switched off: the reference alone, still equal to torch
+# Switched off (fast=False): the reference alone, still equal to torch
 # ------------------------------------------------------------------------------------------
 
 
@@ -215,12 +217,12 @@ def fast_path_unused(monkeypatch):
 def test_disabled_matches_torch(fast_path_unused, shape_id, options):
     kind, shape = SHAPES[shape_id]
     ours, ref = make_pair(kind, **options)
-    with bnfast.disabled():
-        for step in range(3):
-            check_step(ours, ref, torch.randn(shape) * (step + 1) + step)
-        ours.eval()
-        ref.eval()
-        check_step(ours, ref, torch.randn(shape) * 2 - 1)
+    ours.fast = False
+    for step in range(3):
+        check_step(ours, ref, torch.randn(shape) * (step + 1) + step)
+    ours.eval()
+    ref.eval()
+    check_step(ours, ref, torch.randn(shape) * 2 - 1)
 
 
 @pytest.mark.parametrize("layout", list(_layouts()))
@@ -230,8 +232,8 @@ def test_disabled_matches_torch_layouts(fast_path_unused, layout, training):
     ours, ref = make_pair(kind)
     ours.train(training)
     ref.train(training)
-    with bnfast.disabled():
-        check_step(ours, ref, x)
+    ours.fast = False
+    check_step(ours, ref, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -241,46 +243,45 @@ def test_disabled_matches_torch_dtypes(fast_path_unused, dtype, training):
     ours.to(dtype).train(training)
     ref.to(dtype).train(training)
     x = (torch.randn(2, 3, 3, 4, 5, dtype=torch.float64) * 4 + 2).to(dtype)
-    with bnfast.disabled():
-        check_step(ours, ref, x, **({} if dtype == torch.float64 else TOL[torch.bfloat16]))
+    ours.fast = False
+    check_step(ours, ref, x, **({} if dtype == torch.float64 else TOL[torch.bfloat16]))
 
 
-def test_disabled_switch():
-    """disabled() nests and restores the flag, also on errors; the flag alone works too; a
-    backward runs the implementation its forward chose."""
-    layer = PAIRS[2][0](3)
+def test_fast_switch():
+    """``fast`` is a constructor keyword (default True) read at each forward; a backward runs
+    the implementation its forward chose; the functional form takes it too."""
+    assert PAIRS[2][0](3).fast and not PAIRS[2][0](3, fast=False).fast
+    layer = PAIRS[2][0](3, fast=False)
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    assert bnfast.enabled
-    with bnfast.disabled():
-        assert not bnfast.enabled
-        with bnfast.disabled():
-            assert type(layer(x).grad_fn) in REFERENCE
-        assert not bnfast.enabled
-        y = layer(x)
-    assert bnfast.enabled
-    y.sum().backward()  # the reference's backward, after the block
+    y = layer(x)
+    assert type(y.grad_fn) in REFERENCE
+    layer.fast = True
+    assert type(layer(x).grad_fn) in FAST
+    y.sum().backward()  # the reference's backward, after the switch
     assert type(y.grad_fn) in REFERENCE and x.grad is not None
-    with pytest.raises(RuntimeError), bnfast.disabled():
-        raise RuntimeError
-    assert bnfast.enabled and type(layer(x).grad_fn) in FAST
-    try:
-        bnfast.enabled = False
-        assert type(layer(x).grad_fn) in REFERENCE
-    finally:
-        bnfast.enabled = True
+    for fast, kinds in ((True, FAST), (False, REFERENCE)):
+        for training in (True, False):
+            out = bnbn.batch_norm(x, torch.zeros(3), torch.ones(3), training=training, fast=fast)
+            assert type(out.grad_fn) in kinds
 
 
 def test_torch_compile_traces_the_reference(monkeypatch):
-    """Under torch.compile the registered eager implementation is never consulted."""
+    """Under torch.compile the fast Functions are never reached, even with fast=True."""
     calls = []
-    select = bnbn._eager_functions
 
-    def spy():
-        calls.append(1)
-        return select()
+    def spied(fn_cls):
+        class Spy(fn_cls):
+            @staticmethod
+            def forward(ctx, *args):
+                calls.append(fn_cls.__name__)
+                return fn_cls.forward(ctx, *args)
 
-    monkeypatch.setattr(bnbn, "_eager_functions", spy)
+        return Spy
+
+    monkeypatch.setattr(bnbn, "FastTrainFn", spied(bnfast.FastTrainFn))
+    monkeypatch.setattr(bnbn, "FastEvalFn", spied(bnfast.FastEvalFn))
     ours, ref = make_pair(2)
+    assert ours.fast
     torch._dynamo.reset()
     compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
     try:
@@ -293,4 +294,32 @@ def test_torch_compile_traces_the_reference(monkeypatch):
         torch._dynamo.reset()
     assert calls == []
     ours(x)  # the spy is live in eager mode
-    assert calls == [1]
+    assert calls == ["FastEvalFn"]
+
+
+# ------------------------------------------------------------------------------------------
+# The fast path's statistics against the one definition (functional.batch_stats)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "strided"])
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+def test_fast_statistics_equal_batch_stats(monkeypatch, dtype, layout, sliced):
+    """The per-channel mean and biased variance of the fast paths (the train Function's, and
+    Batch Renorm's batch_stats_fast) equal batch_stats, also where |mean| >> std."""
+    for loc in (1.0, 1e3):
+        x = input_2d(torch.float64, "nchw", loc)
+        x = {"nchw": x, "nhwc": x.contiguous(memory_format=torch.channels_last),
+             "strided": torch.cat([x, x], -1)[..., ::2]}[layout].to(dtype)
+        counts = _force_slices(monkeypatch, 2 if sliced else 9, x[0].numel() * x.element_size())
+        mean, var = batch_stats(x)
+        tol = TOL[dtype]
+        fast_mean, fast_var = bnfast.batch_stats_fast(x)
+        weight = torch.ones(3, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+        _, fn_mean, fn_var = bnfast.FastTrainFn.apply(x, weight, None, 1e-5)
+        for m, v in ((fast_mean, fast_var), (fn_mean, fn_var)):
+            assert m.dtype == mean.dtype and v.dtype == var.dtype
+            torch.testing.assert_close(m, mean, **tol)
+            torch.testing.assert_close(v, var, **tol)
+        assert (max(counts) > 1) if sliced else set(counts) == {1}, counts

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnlab.nn.groupnorm as groupnorm_module
+import bnlab.nn.passes as passes
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn.groupnorm import GroupNorm
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
@@ -29,8 +30,8 @@ def slicing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Run the eager engine on whole tensors, or a few samples per slice (the CPU path of large
     tensors), so both are checked on small inputs."""
     if request.param == "sliced":
-        monkeypatch.setattr(groupnorm_module, "_SLICE_BYTES", 1)
-        monkeypatch.setattr(groupnorm_module, "_MIN_SLICES", 1)
+        monkeypatch.setattr(passes, "_SLICE_BYTES", 1)
+        monkeypatch.setattr(passes, "_MIN_SLICES", 1)
     return request.param
 
 

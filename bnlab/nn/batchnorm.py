@@ -13,9 +13,10 @@ normalization kernel (``F.batch_norm``, ``torch.native_batch_norm``, ...) is eve
 
 Elsewhere: torch's argument checks, dtype rules and memory formats are in
 :mod:`bnlab.nn.compat`; :mod:`bnlab.nn.batchnorm_fast` is a faster eager CPU implementation of
-the same formulas. It plugs in through :func:`register_eager_functions` and serves eager calls
-unless switched off (``with bnlab.nn.batchnorm_fast.disabled(): ...``); ``torch.compile``
-always traces this file, and the fast path is tested against it.
+the same formulas, tested against this file. Which one runs is chosen in :func:`batch_norm`:
+the fast path for eager calls with ``fast=True`` (the modules' ``fast`` option, on by
+default), this file otherwise. ``torch.compile`` always traces this file. The modules report
+their statistics through :mod:`bnlab.nn.stats` (Precise BN and the ``bnstats/`` probe use it).
 
 Notation (for an input of shape :math:`(N, C, *)`): :math:`n = N \cdot \prod *` is the number
 of values that share one channel, sums :math:`\sum` run over every dimension except 1, and
@@ -45,18 +46,20 @@ Half (float16/bfloat16) inputs are computed in float32 and the output cast back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from bnlab.nn.batchnorm_fast import FastEvalFn, FastTrainFn
 from bnlab.nn.compat import (
     check_eps,
     check_params,
     empty_batch_output,
     output_memory_format,
+    requested_grads,
+    save_param_dtypes,
     suggest_memory_format,
     verify_batch_size,
 )
@@ -70,8 +73,9 @@ from bnlab.nn.functional import (
     update_running_stats,
 )
 from bnlab.nn.state import RunningStatsNorm
+from bnlab.nn.stats import ChannelStatistics
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "register_eager_functions"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,28 +117,6 @@ def _as_output(y: Tensor, x: Tensor) -> Tensor:
     return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
 
 
-def _save_param_dtypes(ctx: Any, weight: Tensor | None, bias: Tensor | None) -> None:
-    """Record the dtypes the parameter grads must have (for :func:`_requested_grads`)."""
-    ctx.param_dtypes = (
-        None if weight is None else weight.dtype,
-        None if bias is None else bias.dtype,
-    )
-
-
-def _requested_grads(
-    ctx: Any, dx: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The grads of ``(x, weight, bias)`` that autograd asked for (the others may be None), in
-    the parameters' dtypes."""
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    w_dtype, b_dtype = ctx.param_dtypes
-    return (
-        dx if need_x else None,
-        d_weight.to(w_dtype) if need_w else None,
-        d_bias.to(b_dtype) if need_b else None,
-    )
-
-
 class _BatchNormTrainFn(Function):
     """Batch norm with batch statistics: ``forward(x, weight, bias, eps) -> (y, mean, var)``.
 
@@ -151,7 +133,7 @@ class _BatchNormTrainFn(Function):
         y = affine(normalize(x, mean, var, eps), weight, bias)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
-        _save_param_dtypes(ctx, weight, bias)
+        save_param_dtypes(ctx, weight, bias)
         ctx.mark_non_differentiable(mean, var)
         return _as_output(y, x), mean, var
 
@@ -165,7 +147,7 @@ class _BatchNormTrainFn(Function):
             # statistics would be constants; recomputed from x, the second derivative is exact.
             mean, var = batch_stats(x)
         grads = _backward(grad_y, x, weight, mean, var, ctx.eps, with_batch_stats=True)
-        return (*_requested_grads(ctx, *grads), None)
+        return (*requested_grads(ctx, *grads), None)
 
 
 class _BatchNormEvalFn(Function):
@@ -189,7 +171,7 @@ class _BatchNormEvalFn(Function):
         y = affine(normalize(x, mean, var, eps), weight, bias)
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
-        _save_param_dtypes(ctx, weight, bias)
+        save_param_dtypes(ctx, weight, bias)
         return _as_output(y, x)
 
     @staticmethod
@@ -198,33 +180,7 @@ class _BatchNormEvalFn(Function):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, weight, mean, var = ctx.saved_tensors
         grads = _backward(grad_y, x, weight, mean, var, ctx.eps, with_batch_stats=False)
-        return (*_requested_grads(ctx, *grads), None, None, None)
-
-
-# --------------------------------------------------------------------------------------------
-# An optional eager implementation (bnlab.nn.batchnorm_fast registers one)
-# --------------------------------------------------------------------------------------------
-
-_Functions = tuple[type[Function], type[Function]]
-_eager_functions: Callable[[], _Functions | None] | None = None
-
-
-def register_eager_functions(select: Callable[[], _Functions | None] | None) -> None:
-    """Let ``select()`` supply the ``(train, eval)`` autograd Functions of eager calls, with
-    the signatures of :class:`_BatchNormTrainFn` and :class:`_BatchNormEvalFn`, or return None
-    to leave the call to them. Under ``torch.compile`` the reference Functions always run.
-    None unregisters."""
-    global _eager_functions
-    _eager_functions = select
-
-
-def _functions() -> _Functions:
-    """The ``(train, eval)`` Functions of this call: the registered ones if they take it."""
-    if _eager_functions is not None and not torch.compiler.is_compiling():
-        selected = _eager_functions()
-        if selected is not None:
-            return selected
-    return _BatchNormTrainFn, _BatchNormEvalFn
+        return (*requested_grads(ctx, *grads), None, None, None)
 
 
 def batch_norm(
@@ -236,13 +192,17 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    fast: bool = True,
 ) -> Tensor:
     r"""Functional batch norm with the semantics of :func:`torch.nn.functional.batch_norm`.
 
     If ``training`` is true, batch statistics normalize the input and, if given,
     ``running_mean``/``running_var`` are updated in place with factor ``momentum``
     (the variance stored is the unbiased one, :math:`\sigma^2 \cdot n/(n-1)`). Otherwise the
-    given running statistics normalize the input.
+    given running statistics normalize the input. ``fast``: eager calls take the fast path of
+    :mod:`bnlab.nn.batchnorm_fast` (the same formulas in fewer passes over memory); ``False``
+    runs this file's Functions, which ``torch.compile`` always traces.
     """
     if training:
         verify_batch_size(input.size())
@@ -251,7 +211,10 @@ def batch_norm(
         return empty_batch_output(input, weight, bias)
     check_params(input, running_mean, running_var, weight, bias, training)
 
-    train_fn, eval_fn = _functions()
+    if fast and not torch.compiler.is_compiling():
+        train_fn, eval_fn = FastTrainFn, FastEvalFn
+    else:
+        train_fn, eval_fn = _BatchNormTrainFn, _BatchNormEvalFn
     if not training:
         return eval_fn.apply(input, weight, bias, running_mean, running_var, eps)
     y, mean, var = train_fn.apply(input, weight, bias, eps)
@@ -265,15 +228,17 @@ def batch_norm(
 # --------------------------------------------------------------------------------------------
 
 
-class _BatchNorm(RunningStatsNorm):
-    """Shared base of the from-scratch batch-norm layers: torch's state, our math."""
+class _BatchNorm(ChannelStatistics, RunningStatsNorm):
+    """Shared base of the from-scratch batch-norm layers: torch's state, our math, statistics
+    reported per channel (:class:`bnlab.nn.stats.ChannelStatistics`)."""
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         factor = self.momentum_factor()
         running_mean, running_var = self.buffers_for_call()
+        # self.fast: the eager fast path (batchnorm_fast.py), else this file's Functions.
         return batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                          self.uses_batch_stats(), factor, self.eps)
+                          self.uses_batch_stats(), factor, self.eps, fast=self.fast)
 
 
 _ARGS_DOC = r"""
@@ -295,6 +260,9 @@ _ARGS_DOC = r"""
         device, dtype: factory arguments for the parameters and buffers.
         bias: (keyword-only) if ``False``, the layer learns no additive bias (only relevant
             if :attr:`affine` is ``True``). Default: ``True``
+        fast: (keyword-only) eager calls take the fast path (:mod:`bnlab.nn.batchnorm_fast`);
+            ``False`` runs the reference code of :mod:`bnlab.nn.batchnorm`, forward and
+            backward. ``torch.compile`` always traces the reference. Default: ``True``
 """
 
 _MATH_DOC = r"""

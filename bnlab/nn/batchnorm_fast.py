@@ -5,74 +5,55 @@ for speed on the CPU.
 formulas for eager calls with fewer passes over memory:
 
 * in-place ops into one output buffer, and only ``x`` plus per-channel vectors saved;
-* large tensors walked a slice of samples at a time (:func:`_sample_slices`), so that a
-  product is summed, or a slice read again, while it is still in the CPU cache;
+* large tensors walked a slice of samples at a time (:func:`bnlab.nn.passes.sample_slices`), so
+  that a product is summed, or a slice read again, while it is still in the CPU cache;
 * per-channel sums of standard-contiguous tensors as row sums first (:func:`_channel_sum`);
 * the corrected two-pass variance (Chan, Golub & LeVeque 1983), which stays exact where a
   channel's ``|mean| >> std`` (more accurate there than the reference and torch's kernel);
   where no channel is like that (:func:`_is_well_conditioned`), the correction is skipped and
   the backward does not centre ``x``.
 
-It registers itself with :func:`bnlab.nn.batchnorm.register_eager_functions` and then serves
-every eager call, on any device (the slices and the well-conditioned check are CPU-only).
-``torch.compile`` traces the reference instead, and a backward with ``create_graph=True``
-runs the reference's differentiable backward. Switch it off to run everything through the
-reference::
-
-    with bnlab.nn.batchnorm_fast.disabled():
-        y = layer(x)  # the reference Functions, forward and backward
-
-or set ``bnlab.nn.batchnorm_fast.enabled = False`` (process-wide, not thread-local). The
-switch is read at each forward; a backward always runs the implementation its forward ran.
-``tests/test_batchnorm_fast.py`` checks this module against the reference.
+:class:`FastTrainFn` and :class:`FastEvalFn` have the signatures of the reference's
+``_BatchNormTrainFn`` and ``_BatchNormEvalFn``; :func:`bnlab.nn.batchnorm.batch_norm` takes
+them for eager calls with ``fast=True`` (the layers pass their ``fast`` option), on any device
+(the slices and the well-conditioned check are CPU-only). ``torch.compile`` traces the
+reference instead. A backward with ``create_graph=True`` (double backward) differentiates the
+formulas of :mod:`bnlab.nn.functional` with autograd. :func:`batch_stats_fast` is
+:func:`bnlab.nn.functional.batch_stats` in fewer passes (Batch Renorm's corrections).
+``tests/test_batchnorm_fast.py`` checks this module against the reference and the statistics
+against ``batch_stats``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from bnlab.nn.batchnorm import (
-    _backward,
-    _requested_grads,
-    _save_param_dtypes,
-    register_eager_functions,
+from bnlab.nn.compat import (
+    output_memory_format,
+    requested_grads,
+    save_param_dtypes,
+    suggest_memory_format,
 )
-from bnlab.nn.compat import output_memory_format, suggest_memory_format
-from bnlab.nn.functional import batch_stats, compute_dtype, per_channel, reduce_dims
+from bnlab.nn.functional import (
+    affine,
+    batch_stats,
+    compute_dtype,
+    normalize,
+    per_channel,
+    reduce_dims,
+)
+from bnlab.nn.passes import rows, sample_slices
 
-__all__ = ["disabled", "enabled"]
-
-enabled = True
-"""Whether eager batch-norm calls take this fast path (True) or the reference (False)."""
-
-
-@contextmanager
-def disabled() -> Iterator[None]:
-    """Run the batch-norm calls made inside the block through the reference implementation."""
-    global enabled
-    previous, enabled = enabled, False
-    try:
-        yield
-    finally:
-        enabled = previous
+__all__ = ["FastEvalFn", "FastTrainFn", "batch_stats_fast"]
 
 
 # Below this many values per (sample, channel) row, summing the rows first gains nothing over
 # one reduction over the strided dims.
 _MIN_ROW = 16
-
-# Large tensors are walked a slice of samples at a time, about this many bytes per slice, so
-# that a product is summed, or a result read again, while it is still in the L2/L3 cache
-# rather than after a round trip through memory; tensors of fewer than _MIN_SLICES such
-# slices are processed whole (the per-slice op overhead would win).
-_SLICE_BYTES = 2 * 2**20
-_MIN_SLICES = 4
 
 # Channels whose |mean| is at most this many standard deviations are "well conditioned": the
 # float rounding error of the mean (~ulp(mean)) stays below ~1e-6 std there, so the corrected
@@ -124,19 +105,6 @@ def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return t.sum(reduce_dims(t), dtype=dtype)
 
 
-def _sample_slices(t: Tensor) -> list[slice]:
-    """Slices of dim 0 of about ``_SLICE_BYTES`` each, or one slice for all of ``t`` when it is
-    small or not on the CPU (a GPU gains nothing from CPU-cache-sized pieces, only more kernel
-    launches). Slices write through ``out=``, which is fine here: this module runs with grad
-    mode off (inside a Function's forward, or a first-order backward)."""
-    n = t.shape[0]
-    per_sample = t[0].numel() * t.element_size() if n else 0
-    step = max(1, _SLICE_BYTES // per_sample) if per_sample else 1
-    if n < _MIN_SLICES * step or t.device.type != "cpu":
-        return [slice(None)]
-    return [slice(i, i + step) for i in range(0, n, step)]
-
-
 def _slice_buffer(t: Tensor, slices: list[slice], dtype: torch.dtype) -> Tensor:
     """A reusable buffer for one slice of ``t`` (the last slice uses a prefix of it)."""
     return _empty(t[slices[0]], dtype, suggest_memory_format(t))
@@ -144,7 +112,7 @@ def _slice_buffer(t: Tensor, slices: list[slice], dtype: torch.dtype) -> Tensor:
 
 def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-channel ``sum(a * b)`` over every dim except 1, a slice of samples at a time."""
-    slices = _sample_slices(a)
+    slices = sample_slices(a)
     if len(slices) == 1:
         return _channel_sum(a * b)
     buf = _slice_buffer(a, slices, torch.result_type(a, b))
@@ -158,7 +126,7 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
 def _centered_square_sum(x: Tensor, center: Tensor, out: Tensor) -> Tensor:
     """``out = x - center`` and the per-channel ``sum(out**2)``, a slice of samples at a time
     (each slice is squared while it is still in cache)."""
-    slices = _sample_slices(out)  # (sized by out: half inputs are centred into float32)
+    slices = sample_slices(out)  # (sized by out: half inputs are centred into float32)
     buf = _slice_buffer(out, slices, out.dtype)
     total = torch.zeros(x.shape[1], dtype=out.dtype, device=x.device)
     for s in slices:
@@ -173,7 +141,7 @@ def _grad_sums(
     """Per-channel ``sum(g)`` and ``sum(g * v)``: ``v = x``, or ``v = x - center`` written into
     ``out`` when ``center`` is given. A slice of samples at a time, so each slice of ``g`` and
     ``v`` is read the second time from cache."""
-    slices = _sample_slices(g)
+    slices = sample_slices(g)
     buf = _slice_buffer(g, slices, g.dtype)
     sum_g = torch.zeros(g.shape[1], dtype=g.dtype, device=g.device)
     dot = torch.zeros_like(sum_g)
@@ -183,6 +151,21 @@ def _grad_sums(
         sum_g += _channel_sum(gs)
         dot += _channel_sum(torch.mul(gs, v, out=buf[: gs.shape[0]]))
     return sum_g, dot
+
+
+def batch_stats_fast(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`bnlab.nn.functional.batch_stats` (per-channel mean and biased variance, two-pass,
+    in the compute dtype) in fewer passes over memory and no full-size temporary: the mean from
+    per-(sample, channel) row sums, then the centred squares summed a cache-sized slice of
+    samples at a time. Not differentiable (grad mode off: Batch Renorm's corrections)."""
+    x3 = rows(x)
+    n = x3.shape[0] * x3.shape[2]
+    cdtype = compute_dtype(x.dtype)
+    mean = x3.sum(-1, dtype=cdtype).sum(0) / n
+    squares = torch.zeros_like(mean)
+    for s in sample_slices(x3):
+        squares += torch.linalg.vector_norm(x3[s] - mean.unsqueeze(-1), dim=-1).square().sum(0)
+    return mean, squares / n
 
 
 def _scale_shift(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
@@ -202,7 +185,7 @@ def _scale_shift(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor
 # --------------------------------------------------------------------------------------------
 
 
-class _FastTrainFn(Function):
+class FastTrainFn(Function):
     """Batch statistics: ``forward(x, weight, bias, eps) -> (y, mean, var)``."""
 
     @staticmethod
@@ -237,7 +220,7 @@ class _FastTrainFn(Function):
 
         ctx.save_for_backward(x, weight, center, delta, invstd)
         ctx.eps = eps
-        _save_param_dtypes(ctx, weight, bias)
+        save_param_dtypes(ctx, weight, bias)
         # The uncentred backward shortcut is only used for well-conditioned float32/64 input.
         ctx.shortcut = well_conditioned and x.dtype == cdtype
         ctx.mark_non_differentiable(mean, var)
@@ -248,13 +231,34 @@ class _FastTrainFn(Function):
         ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, weight, center, delta, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the reference's differentiable form
-            grads = _backward(grad_y, x, weight, *batch_stats(x), ctx.eps, with_batch_stats=True)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable grads
+            grads = _grads_by_autograd(ctx, grad_y, x, weight, None)
         else:
             grads = _train_backward_fast(
                 grad_y, x, weight, center, delta, invstd, ctx.needs_input_grad[0], ctx.shortcut
             )
-        return (*_requested_grads(ctx, *grads), None)
+        return (*requested_grads(ctx, *grads), None)
+
+
+def _grads_by_autograd(
+    ctx: Any, grad_y: Tensor, x: Tensor, weight: Tensor | None, stats: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """``(d x, d gamma, d beta)`` as differentiable ops, for a backward with
+    ``create_graph=True``: autograd through the forward's formulas (:mod:`bnlab.nn.functional`)
+    recomputed from the saved, graph-connected ``x`` and ``weight``, with the batch statistics
+    of ``x`` (``stats`` None) or the given, constant ones. Only the grads asked for."""
+    need_x, need_w = ctx.needs_input_grad[:2]
+    wanted = [t for t, need in ((x, need_x), (weight, need_w)) if need]
+    g = grad_y.to(compute_dtype(x.dtype))
+    d_bias = g.sum(reduce_dims(g))
+    if not wanted:
+        return None, None, d_bias
+    with torch.enable_grad():
+        mean, var = batch_stats(x) if stats is None else stats
+        y = affine(normalize(x, mean, var, ctx.eps), weight, None)
+        grads = iter(torch.autograd.grad(y, wanted, g, create_graph=True))
+    dx = next(grads).contiguous(memory_format=suggest_memory_format(x)) if need_x else None
+    return dx, next(grads) if need_w else None, d_bias
 
 
 def _train_backward_fast(
@@ -268,7 +272,7 @@ def _train_backward_fast(
     shortcut: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """First-order backward: few passes; dx is its only full-size tensor besides the dot's
-    product, which is formed a slice of samples at a time where ``_sample_slices`` slices.
+    product, which is formed a slice of samples at a time where ``sample_slices`` slices.
 
     The reference's ``dx = scale (g - 1/n sum g - x_hat 1/n sum g x_hat)`` is computed as
     ``dx = k (x - mu) + c + scale g`` with ``k = -scale invstd^2 1/n sum g (x - mu)`` and
@@ -303,13 +307,13 @@ def _train_backward_fast(
         dx = _empty(x, cdtype, fmt) if shortcut else xc
         k_, shift = per_channel(k, ndim), per_channel(c - k * offset, ndim)
         scale_ = per_channel(scale, ndim)
-        for s in _sample_slices(dx):
+        for s in sample_slices(dx):
             _scale_shift(v[s], k_, shift, out=dx[s]).addcmul_(g[s], scale_)
         dx = dx.to(grad_y.dtype)
     return dx, d_weight, sum_g
 
 
-class _FastEvalFn(Function):
+class FastEvalFn(Function):
     """Running statistics: ``forward(x, weight, bias, running_mean, running_var, eps) -> y``."""
 
     @staticmethod
@@ -334,7 +338,7 @@ class _FastEvalFn(Function):
             y.add_(per_channel(bias.to(cdtype), ndim))
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
-        _save_param_dtypes(ctx, weight, bias)
+        save_param_dtypes(ctx, weight, bias)
         return y.to(x.dtype)
 
     @staticmethod
@@ -342,12 +346,12 @@ class _FastEvalFn(Function):
         ctx: Any, grad_y: Tensor
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, weight, mean, var = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the reference's differentiable form
-            grads = _backward(grad_y, x, weight, mean, var, ctx.eps, with_batch_stats=False)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable grads
+            grads = _grads_by_autograd(ctx, grad_y, x, weight, (mean, var))
         else:
             needs = ctx.needs_input_grad[:3]
             grads = _eval_backward_fast(grad_y, x, weight, mean, var, ctx.eps, needs)
-        return (*_requested_grads(ctx, *grads), None, None, None)
+        return (*requested_grads(ctx, *grads), None, None, None)
 
 
 def _eval_backward_fast(
@@ -376,10 +380,3 @@ def _eval_backward_fast(
     if need_b:
         d_bias = _channel_sum(g, mean.dtype)
     return dx, d_weight, d_bias
-
-
-def _select() -> tuple[type[Function], type[Function]] | None:
-    return (_FastTrainFn, _FastEvalFn) if enabled else None
-
-
-register_eager_functions(_select)

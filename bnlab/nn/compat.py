@@ -4,11 +4,15 @@ What ``torch.nn.functional.batch_norm`` and its CPU kernel (torch 2.14) do besid
 ported so that a custom layer is a drop-in replacement: which errors it raises, with which
 messages and in which order (:func:`verify_batch_size`, :func:`check_eps`,
 :func:`check_params` with :func:`check_num_features` and :func:`check_dtypes`), what an empty
-batch gives (:func:`empty_batch_output`), and the memory format of outputs and input gradients
+batch gives (:func:`empty_batch_output`), the dtypes of the parameter gradients
+(:func:`save_param_dtypes`, :func:`requested_grads`, for the autograd Functions of the
+reference and of the fast path), and the memory format of outputs and input gradients
 (:func:`output_memory_format`, :func:`suggest_memory_format`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +25,8 @@ __all__ = [
     "cpp_dtype_name",
     "empty_batch_output",
     "output_memory_format",
+    "requested_grads",
+    "save_param_dtypes",
     "suggest_memory_format",
     "verify_batch_size",
 ]
@@ -139,6 +145,34 @@ def empty_batch_output(x: Tensor, weight: Tensor | None, bias: Tensor | None) ->
     if bias is not None:
         out = out + bias[0]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def save_param_dtypes(ctx: Any, weight: Tensor | None, bias: Tensor | None) -> None:
+    """Record on an autograd Function's ``ctx`` the dtypes its parameter grads must have (the
+    parameters', also when the math ran in float32 for half parameters)."""
+    ctx.param_dtypes = (
+        None if weight is None else weight.dtype,
+        None if bias is None else bias.dtype,
+    )
+
+
+def requested_grads(
+    ctx: Any, dx: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The grads of ``(x, weight, bias)`` that autograd asked for (the others may be None), in
+    the dtypes :func:`save_param_dtypes` recorded."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    w_dtype, b_dtype = ctx.param_dtypes
+    return (
+        dx if need_x else None,
+        d_weight.to(w_dtype) if need_w else None,
+        d_bias.to(b_dtype) if need_b else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------

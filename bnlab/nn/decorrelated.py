@@ -22,22 +22,24 @@ smaller). Per group, with the centred data :math:`X_c` (the group's channels × 
   steps, :math:`W = P_T / \sqrt{\operatorname{tr}\Sigma}`. It converges to
   :math:`\Sigma^{-1/2}` (the trace puts the spectrum into (0, 1]); few steps whiten only
   partially, which the paper found to generalize better. Computed in a coupled form that is
-  numerically stable (:func:`_newton_inv_sqrt`).
+  numerically stable (:func:`newton_inv_sqrt`).
 
 Eval mode uses moving averages of :math:`\mu` and of :math:`W` (not of :math:`\Sigma`), as
 both papers do: :math:`y = \gamma \odot (W_\text{run} (x - \mu_\text{run})) + \beta` at every
 position, a 1×1-convolution-like matmul with the block-diagonal ``running_whitening``.
 
-Numerics: the covariances are accumulated in float64 (:class:`_Gram`) and the whitening math on
-the small :math:`g \times g` matrices runs in float64, as ZCA divides by eigenvalues as small as
-:math:`\epsilon`, where a float32 Gram loses the digits that matter; the other per-element work
-(centring, :math:`W X_c`, the backward) runs in the compute dtype (float32 for half inputs).
-``torch.linalg.eigh``'s backward has :math:`1/(\lambda_i - \lambda_j)` terms, infinite for equal
-eigenvalues although :math:`\Sigma^{-1/2}` is smooth there; :class:`_InvSqrtSym` differentiates
-the matrix function directly instead (once: no double backward through ZCA). IterNorm is plain
-matmuls, differentiated by autograd. Layout: channels-first data batches the full groups as
-per-sample :math:`(g, L)` matrices; channels-last and (N, C) data use each group's strided
-:math:`(m, g)` rows, which avoids transposing copies. The output keeps the input's layout.
+Numerics: the covariances are accumulated in float64 (:class:`~bnlab.nn.whitening.Gram`) and
+the whitening math on the small :math:`g \times g` matrices runs in float64; the other
+per-element work (centring, :math:`W X_c`, the backward) runs in the compute dtype (float32 for
+half inputs). ZCA's backward is :class:`~bnlab.nn.whitening.InvSqrtSym`'s, finite for equal
+eigenvalues; IterNorm is plain matmuls, differentiated by autograd (:mod:`bnlab.nn.whitening`
+has the why of each). Layout: channels-first data batches the full groups as per-sample
+:math:`(g, L)` matrices; channels-last and (N, C) data use each group's strided :math:`(m, g)`
+rows, which avoids transposing copies. The output keeps the input's layout.
+
+The layer reports its statistics through :mod:`bnlab.nn.stats`: the batch mean and whitening
+matrix :math:`W_B`, the running ones, and a population covariance turned into :math:`W`
+(:meth:`~_DecorrelatedBatchNorm.whitening_from_covariance`, Precise BN).
 """
 
 from __future__ import annotations
@@ -46,119 +48,22 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn import init
-from torch.nn.parameter import Parameter
 
-from bnlab.nn.functional import affine, compute_dtype, per_channel, reduce_dims
-from bnlab.nn.state import Input1d, Input2d
+from bnlab.nn.functional import affine, compute_dtype, per_channel
+from bnlab.nn.state import Input1d, Input2d, register_affine
+from bnlab.nn.stats import NormStatistics
+from bnlab.nn.whitening import Center, Gram, InvSqrtSym, left_matmul, newton_inv_sqrt
 
 __all__ = ["DecorrelatedBatchNorm1d", "DecorrelatedBatchNorm2d"]
 
 WHITENINGS = ("zca", "iter")
 
 
-class _Center(torch.autograd.Function):
-    """``(x - mean, mean)`` per channel of a (N, C, *) tensor. Backward: ``g - mean(g)`` (plus
-    the mean's gradient / m), two passes where autograd's ``x - x.mean()`` takes five;
-    differentiable ops, so double backward works."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        mean = x.mean(reduce_dims(x))
-        return x - per_channel(mean, x.dim()), mean
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor, grad_mean: Tensor | None) -> Tensor:  # type: ignore[override]
-        shift = grad.mean(reduce_dims(grad))
-        if grad_mean is not None:
-            shift = shift - grad_mean * (grad.shape[1] / grad.numel())
-        return grad - per_channel(shift, grad.dim())
-
-
-class _Gram(torch.autograd.Function):
-    """``X X^T`` in float64 for a batch ``xs`` (..., s, L) of matrices; the float64 copy of
-    ``xs`` lives only inside the forward. Backward ``(G + G^T) X`` in ``xs``'s dtype: one
-    batched matmul where autograd would run one per operand and add them."""
-
-    @staticmethod
-    def forward(ctx: Any, xs: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(xs)
-        xd = xs.mT.double().mT if _rows_fastest(xs) else xs.double()  # keeps xs's layout
-        return xd @ xd.mT
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
-        (xs,) = ctx.saved_tensors
-        return _left_matmul((grad + grad.mT).to(xs.dtype), xs)
-
-
-def _left_matmul(a: Tensor, x: Tensor) -> Tensor:
-    """``a @ x`` laid out like ``x``: as ``(x^T a^T)^T`` when x's rows are its fastest dimension
-    (channels-last data), so neither x nor the result needs a transposing copy."""
-    return (x.mT @ a.mT).mT if _rows_fastest(x) else a @ x
-
-
-def _rows_fastest(x: Tensor) -> bool:
-    """Whether the rows of the matrices in ``x`` (..., s, L) are its fastest dimension."""
-    return x.stride(-2) == 1 and x.shape[-1] > 1
-
-
 def _dense(x: Tensor) -> bool:
     """Whether the channels of ``x`` (N, C, *) are its fastest dimension ((N, C) and
     channels_last input): then all m positions of a group form one strided (g, m) matrix."""
     return x.stride(1) == 1
-
-
-class _InvSqrtSym(torch.autograd.Function):
-    r""":math:`\Sigma^{-1/2}` of a batch of symmetric positive definite matrices via ``eigh``.
-
-    Backward: the Daleckii–Krein form of the derivative of :math:`f(\Sigma) = U f(\Lambda)
-    U^\top`, :math:`\bar\Sigma = U (K \circ \operatorname{sym}(U^\top \bar W U)) U^\top` with
-    :math:`K_{ij} = (f(\lambda_i) - f(\lambda_j)) / (\lambda_i - \lambda_j)`, :math:`K_{ii} =
-    f'(\lambda_i)`. For :math:`f = \lambda^{-1/2}` and :math:`s = \sqrt\lambda` this is
-    :math:`K_{ij} = -1 / (s_i s_j (s_i + s_j))` (as :math:`\lambda_i - \lambda_j = (s_i -
-    s_j)(s_i + s_j)`), also :math:`f'` on the diagonal: no eigenvalue difference in a
-    denominator, so it is exact and finite for (nearly) equal eigenvalues, where ``eigh``'s own
-    backward divides by zero. Symmetrized: only symmetric perturbations of Σ are meaningful."""
-
-    @staticmethod
-    def forward(ctx: Any, sigma: Tensor) -> Tensor:  # type: ignore[override]
-        lam, u = torch.linalg.eigh(sigma)
-        s = lam.sqrt()
-        ctx.save_for_backward(u, s)
-        return (u / s.unsqueeze(-2)) @ u.mT
-
-    @staticmethod
-    @once_differentiable  # the saved eigenvectors are not differentiable functions of sigma here
-    def backward(ctx: Any, grad_w: Tensor) -> Tensor:  # type: ignore[override]
-        u, s = ctx.saved_tensors
-        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
-        k = -1.0 / (si * sj * (si + sj))
-        g = u.mT @ grad_w @ u
-        return u @ (k * (g + g.mT) / 2) @ u.mT
-
-
-def _newton_inv_sqrt(sigma: Tensor, iterations: int) -> Tensor:
-    r"""IterNorm's whitening matrix :math:`P_T / \sqrt{\operatorname{tr}\Sigma}` for a batch
-    ``(k, s, s)`` of covariance matrices.
-
-    Coupled form: :math:`T_k = \tfrac12 (3I - P_k Y_k)`, :math:`Y_{k+1} = Y_k T_k`,
-    :math:`P_{k+1} = T_k P_k`, :math:`Y_0 = \Sigma_N`, :math:`P_0 = I`. In exact arithmetic
-    :math:`Y_k = \Sigma_N P_k` (all are polynomials in :math:`\Sigma_N`), so these are the
-    paper's iterates :math:`P_{k+1} = \tfrac12 (3 P_k - P_k^3 \Sigma_N)`, at the same cost.
-    The paper's uncoupled form is unstable at its fixed point: a rounding error in eigen-component
-    (i, j) grows by :math:`|2 - \sqrt r - r|/2`, :math:`r = \lambda_j / \lambda_i`, per step,
-    which exceeds 1 once :math:`r > 2.44`, so after converging it diverges unless
-    :math:`\Sigma` is nearly isotropic. The coupled form is stable (Higham, *Functions of
-    Matrices*, 2008, Sec. 6.7)."""
-    trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
-    y, p = sigma / trace, eye
-    for _ in range(iterations):
-        t = torch.baddbmm(eye, p, y, beta=1.5, alpha=-0.5)
-        y, p = y @ t, t @ p
-    return p / trace.sqrt()
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -202,12 +107,7 @@ class _DecorrelatedBatchNorm(nn.Module):
         size = min(group_size, num_features)
         full, rest = divmod(num_features, size)
         self._runs = [(full, size)] + ([(1, rest)] if rest else [])
-        if affine:
-            self.weight = Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = Parameter(torch.empty(num_features, **factory_kwargs))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, num_features, affine, True, factory_kwargs)
         self.running_mean: Tensor
         self.running_whitening: Tensor
         self.num_batches_tracked: Tensor
@@ -297,8 +197,8 @@ class _DecorrelatedBatchNorm(nn.Module):
         """W for a (k, s, s) float64 batch of covariances, with Σ = cov + eps I."""
         sigma = cov + self.eps * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         if self.whitening == "zca":
-            return _InvSqrtSym.apply(sigma)
-        return _newton_inv_sqrt(sigma, self.iterations)
+            return InvSqrtSym.apply(sigma)
+        return newton_inv_sqrt(sigma, self.iterations)
 
     def whitening_from_covariance(self, cov: Tensor) -> Tensor:
         r"""The block-diagonal (C, C) whitening matrix :math:`W` for a (C, C) covariance.
@@ -320,9 +220,9 @@ class _DecorrelatedBatchNorm(nn.Module):
         if m <= 1:
             msg = "Expected more than 1 value per channel when training, got input size"
             raise ValueError(f"{msg} {tuple(x.shape)}")
-        xc, mean = _Center.apply(x)
+        xc, mean = Center.apply(x)
         dense, parts = self._group_matrices(xc)
-        grams = [_Gram.apply(xs).sum(0) for xs in parts]
+        grams = [Gram.apply(xs).sum(0) for xs in parts]
         if dense:  # one (1, s, s) Gram per group: batch them per run for the whitening
             it = iter(grams)
             grams = [torch.cat([next(it) for _ in range(k)]) for k, _ in self._runs]
@@ -338,7 +238,7 @@ class _DecorrelatedBatchNorm(nn.Module):
         dense, parts = self._group_matrices(xc)
         if dense:  # one matrix per group
             mats = [w for run in mats for w in run.split(1)]
-        ys = [_left_matmul(a, xs) for a, xs in zip(mats, parts, strict=True)]
+        ys = [left_matmul(a, xs) for a, xs in zip(mats, parts, strict=True)]
         return self._assemble(ys, xc, dense)
 
     def batch_whitening(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -348,6 +248,24 @@ class _DecorrelatedBatchNorm(nn.Module):
         with _no_autocast(x):
             mean, _, blocks = self._batch_statistics(x.to(compute_dtype(x.dtype)))
             return mean, self._block_diag(blocks).to(mean.dtype)
+
+    # -- the statistics interface (bnlab.nn.stats.BatchStatistics) -------------------------
+
+    def batch_statistics(self, x: Tensor) -> NormStatistics:
+        """The batch mean and whitening matrix :math:`W_B` a training forward would use."""
+        mean, w = self.batch_whitening(x)
+        return NormStatistics(mean, whitening=w, eps=self.eps)
+
+    def running_statistics(self) -> NormStatistics:
+        """``running_mean`` and ``running_whitening``, which eval normalizes with."""
+        return NormStatistics(self.running_mean, whitening=self.running_whitening, eps=self.eps)
+
+    @torch.no_grad()
+    def load_population_statistics(self, mean: Tensor, variance: Tensor) -> None:
+        """``running_mean`` = ``mean``; ``running_whitening`` = the whitening of ``variance``,
+        the (unbiased) population covariance (:meth:`whitening_from_covariance`)."""
+        self.running_mean.copy_(mean)
+        self.running_whitening.copy_(self.whitening_from_covariance(variance))
 
     @torch.no_grad()
     def _update_running(self, mean: Tensor, blocks: list[Tensor], factor: float) -> None:
@@ -407,7 +325,8 @@ class DecorrelatedBatchNorm1d(Input1d, _DecorrelatedBatchNorm):
     blocks), then the affine.
 
     Methods: :meth:`batch_whitening` (the batch mean and W a training forward would use) and
-    :meth:`whitening_from_covariance` (W for a given covariance, e.g. population statistics).
+    :meth:`whitening_from_covariance` (W for a given covariance, e.g. population statistics),
+    and the statistics interface of :mod:`bnlab.nn.stats` built on them.
 
     ``group_size=1`` is batch norm in training mode (same output and gradients; the same
     ``running_mean``). Its ``running_whitening`` is diagonal and holds the running average of

@@ -4,11 +4,16 @@ For an input of shape :math:`(N, C, *)` the statistics of a channel run over eve
 except 1 (:func:`reduce_dims`); :math:`n` is the number of values a statistic averages.
 
 * :func:`batch_stats`: the per-channel mean and *biased* variance (two-pass, never
-  :math:`E[x^2] - E[x]^2`), in the compute dtype (float32 for half inputs).
+  :math:`E[x^2] - E[x]^2`), in the compute dtype (float32 for half inputs) or a given one.
+  The one definition of per-channel statistics: the layers' references, the probes
+  (``bnlab.probes``) and Precise BN compute them here; the eager fast paths' fused passes
+  (``batchnorm_fast.py``) are tested against it.
+* :func:`unbiased_variance`: the correction :math:`\sigma^2 \cdot n / (n - 1)` from the biased
+  variance of :math:`n` values to the unbiased one (running statistics, Precise BN).
 * :func:`normalize`: :math:`\hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}`, then the
   per-channel affine :math:`\gamma \hat x + \beta` (:func:`affine`).
-* :func:`update_running_stats`: the moving average of the mean and of the *unbiased* variance
-  :math:`\sigma^2 \cdot n / (n - 1)`, in place, outside autograd.
+* :func:`update_running_stats`: the moving average of the mean and of the unbiased variance, in
+  place, outside autograd.
 
 Autograd differentiates all of these, so a layer written from them gets its backward, double
 backward and ``torch.compile`` support for free; batch norm's hand-derived backward and its fast
@@ -27,6 +32,7 @@ __all__ = [
     "normalize",
     "per_channel",
     "reduce_dims",
+    "unbiased_variance",
     "update_running_stats",
 ]
 
@@ -49,12 +55,15 @@ def per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 
 
-def batch_stats(x: Tensor, dims: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+def batch_stats(
+    x: Tensor, dims: tuple[int, ...] | None = None, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """Per-channel ``(mean, biased variance)`` of ``x`` over ``dims`` (default
-    :func:`reduce_dims`), as ``(C,)`` vectors in the compute dtype. Two-pass: the mean first,
-    then the mean of squared deviations, which does not cancel when ``|mean| >> std``."""
+    :func:`reduce_dims`), as ``(C,)`` vectors computed in ``dtype`` (default: the compute
+    dtype). Two-pass: the mean first, then the mean of squared deviations, which does not
+    cancel when ``|mean| >> std``."""
     dims = reduce_dims(x) if dims is None else dims
-    xf = x.to(compute_dtype(x.dtype))
+    xf = x.to(compute_dtype(x.dtype) if dtype is None else dtype)
     mean = xf.mean(dims, keepdim=True)
     var = (xf - mean).square().mean(dims)
     return mean.flatten(), var
@@ -78,6 +87,12 @@ def affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     return x_hat
 
 
+def unbiased_variance(var: Tensor, n: int) -> Tensor:
+    r"""The unbiased variance :math:`\sigma^2 \cdot n / (n - 1)` from the biased ``var`` of
+    ``n > 1`` values (also elementwise for a covariance matrix)."""
+    return var * (n / (n - 1))
+
+
 @torch.no_grad()
 def update_running_stats(
     running_mean: Tensor | None,
@@ -88,11 +103,11 @@ def update_running_stats(
     momentum: float,
 ) -> None:
     r"""``running = (1 - momentum) * running + momentum * batch``, in place, for the mean and
-    for the *unbiased* variance :math:`\sigma^2 \cdot n / (n - 1)` (``var`` is the biased one
-    of ``n`` values, ``n > 1``). Computed in the statistic's dtype and rounded once into the
-    buffer's dtype. A None buffer is left alone."""
+    for the :func:`unbiased_variance` (``var`` is the biased one of ``n`` values, ``n > 1``).
+    Computed in the statistic's dtype and rounded once into the buffer's dtype. A None buffer
+    is left alone."""
     if running_mean is not None:
         running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
     if running_var is not None:
-        unbiased = var * (n / (n - 1))
+        unbiased = unbiased_variance(var, n)
         running_var.copy_(running_var.to(var.dtype) * (1.0 - momentum) + unbiased * momentum)

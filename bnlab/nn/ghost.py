@@ -30,8 +30,9 @@ Decisions (the paper leaves them open):
 
 The chunk statistics are per-(sample, channel) row sums pooled over a chunk's rows, computed by
 the engine shared with group norm (:func:`bnlab.nn.groupnorm.pooled_row_norm`): vectorized over
-all chunks (no Python loop per chunk), eager CPU passes in cache-sized slices of whole chunks,
-plain differentiable ops under ``torch.compile``.
+all chunks (no Python loop per chunk), eager CPU passes in cache-sized slices of whole chunks
+with ``fast`` (the default), plain differentiable ops with ``fast=False`` and under
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from bnlab.nn.compat import check_eps, check_params, empty_batch_output, verify_
 from bnlab.nn.functional import update_running_stats
 from bnlab.nn.groupnorm import Pool, pooled_row_norm
 from bnlab.nn.state import Input1d, Input2d, RunningStatsNorm
+from bnlab.nn.stats import ChannelStatistics
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm"]
 
@@ -83,12 +85,16 @@ def ghost_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     virtual_batch_size: int = 32,
+    *,
+    fast: bool = True,
 ) -> Tensor:
     """Functional Ghost BN, with the arguments of :func:`bnlab.nn.batchnorm.batch_norm` plus
     ``virtual_batch_size``: chunked batch statistics if ``training`` (running statistics, if
-    given, updated by the pooled rule of the module docstring), else batch norm's eval."""
+    given, updated by the pooled rule of the module docstring), else batch norm's eval.
+    ``fast``: eager calls take the fast paths of the row engine and of batch norm."""
     if not training:
-        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                          fast=fast)
     verify_batch_size(input.size())
     check_eps(eps, training)
     if input.numel() == 0:
@@ -99,7 +105,8 @@ def ghost_batch_norm(
     sizes = chunk_sizes(input.shape[0], virtual_batch_size, length)
     # Slices of whole chunks when they are all equal; else one slice (the pool then splits).
     align = sizes[0] if sizes[0] == sizes[-1] else input.shape[0]
-    y, row_mean, row_var = pooled_row_norm(input, _chunk_pool(sizes), weight, bias, eps, align)
+    y, row_mean, row_var = pooled_row_norm(input, _chunk_pool(sizes), weight, bias, eps, align,
+                                           fast=fast)
 
     if running_mean is not None or running_var is not None:
         # Each chunk's statistics sit in the rows of its samples; take its first sample's.
@@ -116,8 +123,9 @@ def ghost_batch_norm(
     return y
 
 
-class _GhostBatchNorm(RunningStatsNorm):
-    """Shared base of :class:`GhostBatchNorm1d` and :class:`GhostBatchNorm2d`."""
+class _GhostBatchNorm(ChannelStatistics, RunningStatsNorm):
+    """Shared base of :class:`GhostBatchNorm1d` and :class:`GhostBatchNorm2d`; its statistics
+    (:class:`bnlab.nn.stats.ChannelStatistics`) are the whole batch's."""
 
     def __init__(
         self,
@@ -129,6 +137,8 @@ class _GhostBatchNorm(RunningStatsNorm):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        fast: bool = True,
     ) -> None:
         if (
             isinstance(virtual_batch_size, bool)
@@ -138,7 +148,8 @@ class _GhostBatchNorm(RunningStatsNorm):
             raise ValueError(
                 f"virtual_batch_size must be an int >= 2, got {virtual_batch_size!r}"
             )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         fast=fast)
         self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
@@ -147,7 +158,7 @@ class _GhostBatchNorm(RunningStatsNorm):
         running_mean, running_var = self.buffers_for_call()
         return ghost_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 self.uses_batch_stats(), factor, self.eps,
-                                self.virtual_batch_size)
+                                self.virtual_batch_size, fast=self.fast)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -172,6 +183,8 @@ _DOC = r"""Ghost Batch Normalization (Hoffer et al., NeurIPS 2017) over a {shape
         track_running_stats: keep running statistics (else eval mode uses the chunks' own
             statistics too). Default: True
         device, dtype: factory arguments for the parameters and buffers.
+        fast: (keyword-only) eager calls take the fast paths; ``False``: the reference code.
+            Default: True
 
     Shape:
         - Input: {dims}

@@ -7,8 +7,6 @@ r"""Group normalization written from scratch, and the row engine it shares with 
   each row with statistics *pooled over a group of rows*: group norm pools the channels of one
   group within a sample, Ghost BN (:mod:`bnlab.nn.ghost`) pools one chunk of samples within a
   channel. A ``pool`` callable says which rows belong together; the rest is shared.
-* :func:`rows` and :func:`sample_slices`: the row view and the cache-sized slicing, also used
-  by Batch Renorm's batch statistics (:mod:`bnlab.nn.renorm`).
 
 The math, for a row ``(n, c)`` of group :math:`G(n, c)` (:math:`M` values in all)::
 
@@ -22,10 +20,12 @@ The math, for a row ``(n, c)`` of group :math:`G(n, c)` (:math:`M` values in all
 
 Two implementations compute it. :func:`_reference` is plain differentiable tensor ops; autograd
 differentiates it, ``torch.compile`` traces it, and a backward with ``create_graph=True``
-differentiates it again. :class:`_PooledRowNormFn` is the eager one: the backward above,
-written out, and both passes walk the rows a slice of samples at a time, so that each slice is
-centred, squared, summed and scaled while it is still in the CPU cache (slices always hold
-whole groups). No native normalization kernel is called anywhere.
+differentiates it again. :class:`_PooledRowNormFn` is the eager fast path: the backward above,
+written out, and both passes walk the rows a slice of samples at a time
+(:func:`bnlab.nn.passes.sample_slices`), so that each slice is centred, squared, summed and
+scaled while it is still in the CPU cache (slices always hold whole groups). Eager calls with
+``fast=True`` (the layers' default) take it, the others the reference. No native
+normalization kernel is called anywhere.
 """
 
 from __future__ import annotations
@@ -39,29 +39,14 @@ from torch.autograd import Function
 from torch.nn import init
 
 from bnlab.nn.functional import compute_dtype
+from bnlab.nn.passes import rows, sample_slices
 from bnlab.nn.state import register_affine
 
-__all__ = ["GroupNorm", "group_norm", "pooled_row_norm", "rows", "sample_slices"]
+__all__ = ["GroupNorm", "group_norm", "pooled_row_norm"]
 
 Pool = Callable[[Tensor], Tensor]
 """``pool(t)``: for per-row values ``t`` of shape ``(n, C)`` (whole groups of rows), each value
 replaced by the mean over its group's rows, as differentiable ops."""
-
-# About this many bytes of input per slice of samples: a slice and its temporaries stay in the
-# L2/L3 cache between the passes over it. Below _MIN_SLICES slices the tensor is processed
-# whole, where the per-slice op overhead would outweigh the saved memory traffic.
-_SLICE_BYTES = 2 * 2**20
-_MIN_SLICES = 4
-
-
-def rows(x: Tensor) -> Tensor:
-    """``x`` of shape ``(N, C, *)`` as ``(N, C, L)`` rows: a view for NCHW and channels_last
-    inputs (the spatial dims merge), a copy otherwise."""
-    length = 1
-    for s in x.shape[2:]:
-        length *= s
-    return x.reshape(x.shape[0], x.shape[1], length)
-
 
 def _reference(
     x3: Tensor, pool: Pool, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -80,18 +65,6 @@ def _reference(
     if bias is not None:
         y = y + bias.to(y.dtype).unsqueeze(-1)
     return y.to(x3.dtype), mean.detach(), var.detach()
-
-
-def sample_slices(x3: Tensor, align: int) -> list[slice]:
-    """Slices of dim 0 of about ``_SLICE_BYTES``, each a multiple of ``align`` samples (the
-    rows a ``pool`` call must see together); one slice for small tensors and off the CPU (a
-    GPU gains nothing from cache-sized pieces, only more kernel launches)."""
-    n = x3.shape[0]
-    per_sample = max(1, x3[0].numel() * x3.element_size()) if n else 1
-    step = max(align, _SLICE_BYTES // per_sample // align * align)
-    if n < _MIN_SLICES * step or x3.device.type != "cpu":
-        return [slice(None)]
-    return [slice(i, i + step) for i in range(0, n, step)]
 
 
 def _row_dot(a: Tensor, b: Tensor, buf: Tensor) -> Tensor:
@@ -185,18 +158,21 @@ def pooled_row_norm(
     bias: Tensor | None,
     eps: float,
     align: int = 1,
+    *,
+    fast: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normalize the ``(sample, channel)`` rows of ``x`` (``(N, C, *)``) with statistics pooled
     by ``pool`` (see :data:`Pool`), then the per-channel affine; ``align``: the number of
     samples whose rows ``pool`` must see together (1 when groups lie within a sample, ``N``
     for no slicing). Returns ``(y, mean, var)``: ``y`` like ``x`` in dtype and memory format
     (NCHW or channels_last), and the per-row pooled mean and biased variance, ``(N, C)``
-    tensors in the compute dtype, detached."""
+    tensors in the compute dtype, detached. ``fast``: eager calls take the fast path
+    (:class:`_PooledRowNormFn`); under ``torch.compile`` the reference always runs."""
     x3 = rows(x)
-    if torch.compiler.is_compiling():
-        y, mean, var = _reference(x3, pool, weight, bias, eps)
-    else:
+    if fast and not torch.compiler.is_compiling():
         y, mean, var = _PooledRowNormFn.apply(x3, weight, bias, pool, eps, align)
+    else:
+        y, mean, var = _reference(x3, pool, weight, bias, eps)
     return y.view(x.shape), mean, var
 
 
@@ -217,9 +193,12 @@ def group_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    fast: bool = True,
 ) -> Tensor:
     """Functional group norm with the semantics (and errors) of
-    :func:`torch.nn.functional.group_norm`; see :class:`GroupNorm`."""
+    :func:`torch.nn.functional.group_norm`; see :class:`GroupNorm`. ``fast``: eager calls take
+    the fast path (as :func:`pooled_row_norm`)."""
     if input.dim() < 2:
         raise RuntimeError(
             f"Expected at least 2 dimensions for input tensor but received {input.dim()}"
@@ -245,7 +224,7 @@ def group_norm(
                 f"input, but got {name} of shape {list(t.shape)} and input of shape "
                 f"{list(input.shape)}"
             )
-    return pooled_row_norm(input, _group_pool(num_groups), weight, bias, eps)[0]
+    return pooled_row_norm(input, _group_pool(num_groups), weight, bias, eps, fast=fast)[0]
 
 
 class GroupNorm(nn.Module):
@@ -276,6 +255,8 @@ class GroupNorm(nn.Module):
         affine: learnable per-channel ``weight`` (ones) and ``bias`` (zeros). Default: True
         device, dtype: factory arguments for the parameters.
         bias: (keyword-only) if ``False``, no additive bias. Default: ``True``
+        fast: (keyword-only) eager calls take the fast path; ``False``: the reference code
+            (a plain attribute, not in the state dict). Default: ``True``
 
     Shape:
         - Input: :math:`(N, C, *)`
@@ -292,6 +273,7 @@ class GroupNorm(nn.Module):
     num_channels: int
     eps: float
     affine: bool
+    fast: bool
 
     def __init__(
         self,
@@ -303,9 +285,11 @@ class GroupNorm(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        fast: bool = True,
     ) -> None:
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         super().__init__()
+        self.fast = fast
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
@@ -325,7 +309,9 @@ class GroupNorm(nn.Module):
                 init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        # self.fast: the eager fast path (_PooledRowNormFn), else the reference (_reference).
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                          fast=self.fast)
 
     def extra_repr(self) -> str:
         return (

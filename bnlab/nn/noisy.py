@@ -104,8 +104,9 @@ class _NoisyBatchNorm(_BatchNorm):
 
 def _draw_like(draw: Callable[..., Tensor], a: Tensor) -> Tensor:
     """``draw`` (``torch.rand`` or ``torch.randn``) shaped and laid out like ``a``, filled in
-    ``a``'s memory order: torch's CPU ``randn_like`` of a channels_last tensor is ~8x slower
-    than a draw into contiguous memory. For contiguous ``a`` this is ``draw(a.shape)``."""
+    ``a``'s memory order: torch's CPU ``randn_like`` of a channels_last tensor is much slower
+    than a draw into contiguous memory (docs/benchmarks.md). For contiguous ``a`` this is
+    ``draw(a.shape)``."""
     order = sorted(range(a.dim()), key=lambda d: -a.stride(d))  # outermost dim first (stable)
     noise = draw([a.shape[d] for d in order], device=a.device, dtype=a.dtype)
     return noise.permute([order.index(d) for d in range(a.dim())])
@@ -127,7 +128,7 @@ class NoisyBatchNorm1d(_NoisyBatchNorm, BatchNorm1d):
         std_jitter: :math:`j_\sigma`, std of the per-activation scale
             :math:`s \sim \mathcal{N}(\sigma_t, j_\sigma^2)`. Default: 0.1
         **bn_kwargs: passed to :class:`bnlab.nn.BatchNorm1d` (``eps``, ``momentum``,
-            ``affine``, ``track_running_stats``, ``device``, ``dtype``, ``bias``).
+            ``affine``, ``track_running_stats``, ``device``, ``dtype``, ``bias``, ``fast``).
 
     Shape:
         - Input: :math:`(N, C)` or :math:`(N, C, L)`; output: same shape.

@@ -25,7 +25,9 @@ so :class:`_BatchRenorm` computes ``r`` and ``d`` and calls :func:`bnlab.nn.batc
 with the folded affine: autograd carries ``d gamma = r sum g x_hat + d sum g`` and
 ``d beta = sum g`` through the fold, the input gradient is batch norm's (with weight
 ``gamma * r``), and arguments, errors, dtypes, memory formats and the running-statistics update
-are batch norm's by construction.
+are batch norm's by construction. With ``fast`` (the default) eager calls compute the batch
+statistics of ``r`` and ``d`` with :func:`bnlab.nn.batchnorm_fast.batch_stats_fast` and run
+batch norm's fast path; ``fast=False`` runs the reference code throughout.
 """
 
 from __future__ import annotations
@@ -41,27 +43,12 @@ from torch.utils.checkpoint import (
 )
 
 from bnlab.nn.batchnorm import batch_norm
-from bnlab.nn.functional import batch_stats, compute_dtype
-from bnlab.nn.groupnorm import rows, sample_slices
+from bnlab.nn.batchnorm_fast import batch_stats_fast
+from bnlab.nn.functional import batch_stats
 from bnlab.nn.state import Input1d, Input2d, RunningStatsNorm
+from bnlab.nn.stats import ChannelStatistics
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
-
-
-def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`bnlab.nn.functional.batch_stats` (per-channel mean and biased variance, two-pass),
-    in eager calls with fewer passes over memory: the mean from per-(sample, channel) row sums,
-    then the centred squares summed a cache-sized slice of samples at a time."""
-    if torch.compiler.is_compiling():
-        return batch_stats(x)
-    x3 = rows(x)
-    n = x3.shape[0] * x3.shape[2]
-    cdtype = compute_dtype(x.dtype)
-    mean = x3.sum(-1, dtype=cdtype).sum(0) / n
-    squares = torch.zeros_like(mean)
-    for s in sample_slices(x3, 1):
-        squares += torch.linalg.vector_norm(x3[s] - mean.unsqueeze(-1), dim=-1).square().sum(0)
-    return mean, squares / n
 
 
 def _must_save_all() -> Any:
@@ -69,7 +56,7 @@ def _must_save_all() -> Any:
     return create_selective_checkpoint_contexts(lambda *_args, **_kw: CheckpointPolicy.MUST_SAVE)
 
 
-class _BatchRenorm(RunningStatsNorm):
+class _BatchRenorm(ChannelStatistics, RunningStatsNorm):
     """Shared base of :class:`BatchRenorm1d` and :class:`BatchRenorm2d`."""
 
     def __init__(
@@ -85,6 +72,7 @@ class _BatchRenorm(RunningStatsNorm):
         dtype: torch.dtype | None = None,
         *,
         warmup_steps: int = 0,
+        fast: bool = True,
     ) -> None:
         if not r_max >= 1.0:
             raise ValueError(f"r_max must be >= 1, got {r_max}")
@@ -92,7 +80,8 @@ class _BatchRenorm(RunningStatsNorm):
             raise ValueError(f"d_max must be >= 0, got {d_max}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         fast=fast)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = warmup_steps
@@ -122,7 +111,10 @@ class _BatchRenorm(RunningStatsNorm):
     def _compute_corrections(self, x: Tensor, running_mean: Tensor, running_var: Tensor
                              ) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            mean, var = _channel_stats(x)
+            if self.fast and not torch.compiler.is_compiling():
+                mean, var = batch_stats_fast(x)  # the same statistics in fewer passes
+            else:
+                mean, var = batch_stats(x)
             sigma = torch.sqrt(running_var.to(var.dtype) + self.eps)
             r_max, d_max = self.clip_limits()
             r = torch.clamp(torch.sqrt(var + self.eps) / sigma, 1.0 / r_max, r_max)
@@ -151,7 +143,7 @@ class _BatchRenorm(RunningStatsNorm):
             weight = (gamma * r).to(running_mean.dtype)
             bias = (beta + gamma * d).to(running_mean.dtype)
         return batch_norm(input, running_mean, running_var, weight, bias,
-                          self.uses_batch_stats(), factor, self.eps)
+                          self.uses_batch_stats(), factor, self.eps, fast=self.fast)
 
     def extra_repr(self) -> str:
         return (
@@ -188,6 +180,8 @@ _DOC = r"""Batch Renormalization (Ioffe, NeurIPS 2017) over a {shape} input, wri
         warmup_steps: (keyword-only) the paper's warm-up: ``r_max`` grows linearly from 1 and
             ``d_max`` from 0 to their values over this many training steps (counted by
             ``num_batches_tracked``, see :meth:`clip_limits`); 0: no warm-up. Default: 0
+        fast: (keyword-only) eager calls take the fast paths; ``False``: the reference code.
+            Default: True
 
     Shape:
         - Input: {dims}

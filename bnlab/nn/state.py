@@ -23,7 +23,8 @@ class RunningStatsNorm(nn.Module):
     ``weight``/``bias`` (γ, β), ``running_mean``/``running_var``/``num_batches_tracked`` buffers,
     options, reset, ``extra_repr`` and state-dict versioning. No math: subclasses define
     ``forward`` (batch norm, Batch Renorm, Ghost BN share this state, so their state dicts load
-    into ``torch.nn.BatchNorm*`` and back)."""
+    into ``torch.nn.BatchNorm*`` and back). ``fast`` (keyword-only, a plain attribute, not in
+    the state dict or ``extra_repr``): whether eager calls take the layer's fast path."""
 
     _version = 2
     __constants__: ClassVar[list[str]] = [
@@ -38,6 +39,7 @@ class RunningStatsNorm(nn.Module):
     momentum: float | None
     affine: bool
     track_running_stats: bool
+    fast: bool
 
     def __init__(
         self,
@@ -50,9 +52,11 @@ class RunningStatsNorm(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        fast: bool = True,
     ) -> None:
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         super().__init__()
+        self.fast = fast
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from bnlab.nn.functional import batch_stats
 from bnlab.probes.readonly import PROBE_SEED
 
 QUANTILES = (0.15, 0.5, 0.85)
@@ -98,8 +99,8 @@ class LayerStats:
 def layer_stats(x: Tensor, index: Tensor | None) -> LayerStats:
     """Statistics of one activation (N, C, ...); ``index`` picks the sample (None: all)."""
     x = x.detach().float()
-    dims = [d for d in range(x.dim()) if d != 1]
-    chan_std, chan_mean = torch.std_mean(x, dim=dims, correction=0)
+    chan_mean, chan_var = batch_stats(x)  # per channel, as the norm layers compute them
+    chan_std = chan_var.sqrt()
     # every channel holds the same number of values, so the layer's mean and variance follow
     # from the channels' (law of total variance) without another pass over x
     mean = chan_mean.mean()

@@ -9,10 +9,13 @@ statistics are read before the forward updates them; ``read_only`` puts them bac
 
 Every layer with running statistics is measured (``torch.nn.BatchNorm*``, bnlab's BN, noisy BN,
 Batch Renorm, Ghost BN, decorrelated BN), whatever ``probe.layers`` watches; layers without
-(``track_running_stats=False``, Group Norm, an empty slot) have no tags. Per channel c, over all
-values of the channel in the probe batch (samples and positions): batch mean μ_B and biased
-variance σ²_B (the ones BN normalizes with in training); the running mean μ_run and variance
-σ²_run; the layer's ``eps``. The formulas are evaluated in float64:
+(``track_running_stats=False``, Group Norm, an empty slot) have no tags. Each layer says what
+it normalizes with through the statistics interface (``bnlab.nn.stats``): its batch statistics
+for the probe batch, as a training forward would compute them, and its running statistics;
+nothing here knows a layer type. Per channel c, over all values of the channel in the probe
+batch (samples and positions): batch mean μ_B and biased variance σ²_B (the ones BN normalizes
+with in training); the running mean μ_run and variance σ²_run; the layer's ``eps``. The formulas
+are evaluated in float64:
 
 - ``bnstats/mean_shift/<norm>``    = mean_c |μ_B − μ_run| / sqrt(σ²_run + eps), the batch mean's
   offset from the running mean in units of the running std (eval's normalization);
@@ -23,13 +26,14 @@ Ghost BN normalizes each virtual batch with its own statistics; its virtual batc
 average to the whole batch's mean, so here its μ_B, σ²_B are those of the whole probe batch:
 the tags measure the running statistics' lag, not the ghost batches' sampling noise.
 
-Decorrelated BN (a ``running_whitening`` W_run and a ``batch_whitening(x)`` method giving the
-batch's (μ_B, W_B) as training uses them):
+A layer whose statistics are a whitening (decorrelated BN, IterNorm: the batch's (μ_B, W_B) as
+training uses them and the running W_run):
 
-- ``bnstats/mean_shift/<norm>`` as above, with σ²_run + eps = diag((W_runᵀ W_run)⁻¹): any
-  whitening of a covariance Σ (ZCA, PCA, Cholesky) has W Σ Wᵀ = I, so (WᵀW)⁻¹ is the running
-  covariance the whitening undoes (its eps included);
+- ``bnstats/mean_shift/<norm>`` as above, with σ²_run + eps = diag((W_runᵀ W_run)⁻¹), the
+  running covariance the whitening undoes (``NormStatistics.variance_plus_eps``);
 - ``bnstats/whitening_dist/<norm>`` = ‖W_B − W_run‖_F / ‖W_run‖_F.
+
+A layer without a mean statistic (it subtracts none) has no ``mean_shift``.
 """
 
 from __future__ import annotations
@@ -40,30 +44,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-
-def is_decorrelated(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "running_whitening", None), Tensor)
+from bnlab.nn.stats import batch_statistics_layers, statistics_of
 
 
 def has_running_stats(module: nn.Module) -> bool:
-    """Whether ``module`` keeps running statistics for evaluation: a running mean and either a
-    running variance (BN and its variants) or a running whitening matrix (decorrelated BN)."""
-    return isinstance(getattr(module, "running_mean", None), Tensor) and (
-        isinstance(getattr(module, "running_var", None), Tensor) or is_decorrelated(module))
+    """Whether ``module`` has batch statistics and keeps running ones for evaluation."""
+    stats = statistics_of(module)
+    return stats is not None and stats.running_statistics() is not None
 
 
 def running_stats_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's layers with running statistics, by module path, in module order."""
-    return {name: m for name, m in model.named_modules() if has_running_stats(m)}
-
-
-def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over all values but dim 1, as float64. Welford's
-    algorithm in ``torch.var_mean`` is exact enough without a float64 copy of the input (on
-    CPU it accumulates a float32 input in float64 anyway)."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
-    return mean.double(), var.double()
+    return batch_statistics_layers(model, running=True)
 
 
 def _mean_shift(mean: Tensor, run_mean: Tensor, run_var_eps: Tensor) -> Tensor:
@@ -73,22 +65,23 @@ def _mean_shift(mean: Tensor, run_mean: Tensor, run_var_eps: Tensor) -> Tensor:
 def stats_mismatch(layer: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """The ``bnstats/`` measures (without the prefix and layer) of ``layer`` for its input ``x``
     (0-d float64 tensors, no host sync)."""
-    run_mean = layer.running_mean.double()
-    if is_decorrelated(layer):
-        batch_mean, w_batch = layer.batch_whitening(x.detach())
-        w_run, w_batch = layer.running_whitening.double(), w_batch.double()
-        run_var_eps = torch.linalg.inv(w_run.T @ w_run).diagonal()
-        return {
-            "mean_shift": _mean_shift(batch_mean.double(), run_mean, run_var_eps),
-            "whitening_dist": torch.linalg.matrix_norm(w_batch - w_run) /
-            torch.linalg.matrix_norm(w_run),
-        }
-    mean, var = _channel_moments(x)
-    run_var_eps = layer.running_var.double() + layer.eps
-    return {
-        "mean_shift": _mean_shift(mean, run_mean, run_var_eps),
-        "log_var_ratio": torch.log((var + layer.eps) / run_var_eps).abs().mean(),
-    }
+    stats = statistics_of(layer)
+    running = None if stats is None else stats.running_statistics()
+    if stats is None or running is None:
+        raise ValueError(f"{type(layer).__name__} keeps no running statistics to compare")
+    batch = stats.batch_statistics(x.detach())
+    run_var_eps = running.variance_plus_eps()
+    measures = {}
+    if batch.mean is not None and running.mean is not None:
+        measures["mean_shift"] = _mean_shift(batch.mean.double(), running.mean.double(),
+                                             run_var_eps)
+    if running.whitening is not None and batch.whitening is not None:
+        w_run, w_batch = running.whitening.double(), batch.whitening.double()
+        measures["whitening_dist"] = (torch.linalg.matrix_norm(w_batch - w_run)
+                                      / torch.linalg.matrix_norm(w_run))
+    else:
+        measures["log_var_ratio"] = torch.log(batch.variance_plus_eps() / run_var_eps).abs().mean()
+    return measures
 
 
 class StatsMismatchProbe:
