@@ -265,6 +265,7 @@ def test_fast_switch():
             assert type(out.grad_fn) in kinds
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_the_reference(monkeypatch):
     """Under torch.compile the fast Functions are never reached, even with fast=True."""
     calls = []
