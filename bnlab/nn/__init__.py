@@ -23,6 +23,8 @@ What lives where:
   time-varying noise of Santurkar et al. (2018), Sec. 2.1, in training mode.
 * :func:`convert_batchnorm`, :func:`replace_batchnorm` (``convert.py``): swap every batch-norm
   layer of a model between torch's and ours, or replace it by any layer of the zoo.
+* :class:`WSConv2d`, :class:`ScaledWSConv2d` (``weight_std.py``): conv layers with weight
+  standardization (Qiao et al. 2019) and Scaled WS (Brock et al. 2021).
 * :class:`MaxPool2d` (``pooling.py``): torch's layer, keeping ATen's kernels under
   ``torch.compile`` on CPU.
 
@@ -39,6 +41,7 @@ from bnlab.nn.groupnorm import GroupNorm
 from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
 from bnlab.nn.pooling import MaxPool2d
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
+from bnlab.nn.weight_std import ScaledWSConv2d, WSConv2d
 
 __all__ = [
     "BatchNorm1d",
@@ -54,6 +57,8 @@ __all__ = [
     "MaxPool2d",
     "NoisyBatchNorm1d",
     "NoisyBatchNorm2d",
+    "ScaledWSConv2d",
+    "WSConv2d",
     "convert_batchnorm",
     "replace_batchnorm",
 ]
