@@ -5,18 +5,24 @@ with types and ranges) and the factory of its slot modules: ``option(num_feature
 returns the module for a slot fed by a conv (``dims=2``) or a hidden linear layer (``dims=1``).
 To add a norm: write the layer in ``bnlab/nn/``, a class here, and a YAML file
 (docs/architecture.md).
+
+Every option also says where it goes (:class:`NormOption`'s ``slots`` and ``rest``): in all of
+a model's slots, or only in some (the conv slots, the first slot, a list of slot paths) with
+the option ``rest`` in the others; ``bnlab.models.placement`` builds such a mixed model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, ClassVar, Literal
 
 from hydra.utils import get_class
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from bnlab.errors import UsageError
-from bnlab.registry import Option, Schema
+from bnlab.registry import Option, Schema, load_option, option_names
 
 Eps = Annotated[float, Field(gt=0, description="added to the variance (a number > 0)")]
 Momentum = Annotated[float | None, Field(
@@ -26,24 +32,61 @@ GroupSize = Annotated[int, Field(ge=1, description="channels whitened together (
                                  "of a slot may be smaller)")]
 
 
+SlotPaths = Annotated[list[str], Field(min_length=1)]
+
+
 class NormOption(Option):
-    """Base of the ``norm`` options; ``has_norm`` is False only for ``none`` (the layers before
-    an empty slot keep their bias). ``fast`` is a key of every option, so that a sweep over
-    norms can set it; it reaches the layers that have an eager fast path (``fast_path``: bnlab's
-    BN, noisy BN, Batch Renorm, Ghost BN, Group/Layer Norm) and means nothing for the others:
-    torch's layers run torch's kernels, ``none`` has no layer, and decorrelated BN and IterNorm
-    have one implementation, which is their reference."""
+    """Base of the ``norm`` options: ``option(num_features, dims)`` makes one slot's module (an
+    ``nn.Identity`` for ``none``: the layers before an empty slot keep their bias); ``slots``
+    says which slots of a model take this option and ``rest`` which option the others take
+    (``for_slots``). ``fast`` is a key of every option, so that a sweep over norms can set it;
+    it reaches the layers that have an eager fast path (``fast_path``: bnlab's BN, noisy BN,
+    Batch Renorm, Ghost BN, Group/Layer Norm) and means nothing for the others: torch's layers
+    run torch's kernels, ``none`` has no layer, and decorrelated BN and IterNorm have one
+    implementation, which is their reference."""
 
     group: ClassVar[str] = "norm"
-    has_norm: ClassVar[bool] = True
     fast_path: ClassVar[bool] = True
     fast: bool = Field(description="eager fast paths (true/false; false: the reference code "
                        "runs, as under compile)")
+    slots: Literal["all", "conv", "first"] | SlotPaths = Field(
+        description="the slots this norm fills: all, conv (every slot a conv feeds), first "
+        "(the first slot), or a list of slot paths (module paths of the slots)")
+    rest: str = Field(description="the norm option, with its config file's defaults, in the "
+                      "slots that norm.slots leaves out")
+
+    @field_validator("rest")
+    @classmethod
+    def _known_option(cls, rest: str) -> str:
+        names = option_names("norm")
+        if rest not in names:
+            raise PydanticCustomError("norm_option", "not a norm option ({names})",
+                                      {"names": ", ".join(names)})
+        return rest
 
     def __call__(self, num_features: int, dims: int) -> nn.Module:
         slot = self.layer(num_features, dims)
         slot.is_norm_slot = True  # marks the slot for find_slots(), even when it is an Identity
         return slot
+
+    def for_slots(self, paths: Sequence[str], conv_fed: Sequence[bool]) -> list[NormOption]:
+        """The option of each slot of a model (``paths`` in forward order; ``conv_fed``: whether
+        a conv feeds the slot): this one where ``slots`` places it, ``rest`` elsewhere."""
+        if self.slots == "all":
+            return [self] * len(paths)
+        if self.slots == "conv":
+            chosen = list(conv_fed)
+        elif self.slots == "first":
+            chosen = [i == 0 for i in range(len(paths))]
+        else:
+            unknown = [p for p in self.slots if p not in paths]
+            if unknown:
+                raise UsageError(f"norm.slots: {', '.join(unknown)} is not a norm slot of this "
+                                 f"model; allowed: all, conv, first or a list of "
+                                 f"{', '.join(paths)}")
+            chosen = [p in self.slots for p in paths]
+        rest = load_option("norm", self.rest)
+        return [self if here else rest for here in chosen]  # type: ignore[misc]
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
         raise NotImplementedError
@@ -87,7 +130,6 @@ class NoNorm(NormOption):
     name: Literal["none"] = "none"
     eps: Eps
     momentum: Momentum
-    has_norm = False
     fast_path = False
 
     def layer(self, num_features: int, dims: int) -> nn.Module:

@@ -39,7 +39,7 @@ def test_single_run_writes_a_self_contained_run_dir(tmp_path, cifar_root, norm):
     assert m["config"] == {"norm": norm, "model": "cnn", "lr": 0.01, "dropout": 0.0,
                            "batch_size": 10, "seed": 0, "epochs": 2, "optimizer": "sgd",
                            "momentum": 0.9, "weight_decay": 0.0005, "sched": "cosine",
-                           "data": "cifar10"}
+                           "data": "cifar10", "norm_slots": "all", "norm_rest": None}
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     assert m["history"][-1]["test_acc"] == m["final_test_acc"]
     cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())

@@ -17,8 +17,10 @@ from bnlab.registry import option_names
 from bnlab.runtime import MALLOC_ENV, memory_format
 
 TINY = {"cnn": {"channels": [4, 8], "hidden": 16}, "vgg11": {"hidden": 16},
-        "vgg16": {"hidden": 16}, "resnet20": {"width": 4, "blocks": 1}}
-SLOTS = {"cnn": 3, "vgg11": 10, "vgg16": 15, "resnet20": 1 + 3 * 2 + 2}
+        "vgg16": {"hidden": 16}, "resnet20": {"width": 4, "blocks": 1},
+        "resnet": {"width": 4, "depth": 8}, "plain": {"width": 4, "depth": 3}}
+SLOTS = {"cnn": 3, "vgg11": 10, "vgg16": 15, "resnet20": 1 + 3 * 2 + 2, "resnet": 1 + 3 * 2 + 2,
+         "plain": 3}
 
 
 @pytest.mark.parametrize("name", option_names("model"))

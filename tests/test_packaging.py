@@ -23,6 +23,7 @@ def test_wheel_carries_the_configs_and_they_compose(tmp_path):
     for config in ("train.yaml", "norm/custom.yaml", "probe/default.yaml",
                    "experiment/lr_stability.yaml", "hydra/launcher/slurm.yaml"):
         assert f"bnlab/configs/{config}" in names
+    assert "bnlab/models/options.py" in names  # every subpackage ships
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:  # a wheel is a zip laid out as site-packages
         zf.extractall(site)

@@ -11,7 +11,9 @@ from bnlab.models import build_model, find_slots, norm_factory
 from bnlab.registry import option_names
 
 TINY = {"cnn": {"channels": [4, 8], "hidden": 8}, "vgg11": {"hidden": 8},
-        "resnet20": {"width": 4, "blocks": 1}}
+        "resnet20": {"width": 4, "blocks": 1}, "resnet": {"width": 4, "depth": 8},
+        "plain": {"width": 4, "depth": 3}}
+LINEAR_SLOTS = ("cnn", "vgg11")  # models with hidden linear slots (1-d layers)
 ZOO = ["renorm", "ghost", "group", "layer", "dbn", "iternorm"]
 GROUPS = {"group": {"num_groups": 2}, "dbn": {"group_size": 4}, "iternorm": {"group_size": 4}}
 
@@ -27,7 +29,7 @@ def test_every_norm_fills_every_slot_of_every_model(model, norm):
         assert kinds == {nn.Identity}
     else:
         assert nn.Identity not in kinds and len(kinds) >= 1
-        if model != "resnet20":  # the hidden linear slots get the 1-d layer
+        if model in LINEAR_SLOTS:  # the hidden linear slots get the 1-d layer
             assert len(kinds) == 2 or norm in ("group", "layer")
     x = torch.randn(6, 3, 32, 32)
     out = net(x)

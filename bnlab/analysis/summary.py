@@ -23,8 +23,8 @@ from bnlab.analysis.events import Events
 from bnlab.analysis.runs import Run
 
 # Display order of the summary-config keys; others follow in the order the runs name them.
-KEY_ORDER = ("norm", "model", "lr", "dropout", "batch_size", "optimizer", "momentum",
-             "weight_decay", "sched", "epochs", "data")
+KEY_ORDER = ("norm", "norm_slots", "norm_rest", "model", "lr", "dropout", "batch_size",
+             "optimizer", "momentum", "weight_decay", "sched", "epochs", "data")
 # The per-run numbers that rows aggregate over seeds.
 METRICS = ("final_test_acc", "final_test_acc_precise_bn", "best_test_acc", "gap",
            "lr_at_divergence", "peak_grad_norm", "drift_w1", "ics_l2", "ics_cos",

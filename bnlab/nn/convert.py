@@ -136,19 +136,35 @@ def replace_batchnorm(module: nn.Module, factory: Callable[[int, int], nn.Module
         model = replace_batchnorm(torchvision.models.resnet18(), load_option("norm", "renorm"))
         model = replace_batchnorm(model, lambda c, dims: bnlab.nn.GroupNorm(8, c))
 
+    A factory with a placement (a ``bnlab.norms`` option with ``slots`` other than ``all``:
+    ``conv``, ``first``, a list of module paths) places itself among the batch-norm layers,
+    which are the slots here (in module order; ``conv`` means the BatchNorm2d layers), and its
+    ``rest`` option fills the others::
+
+        model = replace_batchnorm(resnet, load_option("norm", "dbn", slots="first"))  # DBN-L1
+
+    Other layers, norms of other kinds included, are left as they are (a mixed model stays
+    mixed), and no bias is added or removed.
+
     The new layer is built on the old one's device and dtype, in its training mode, and gets the
     old one's tensors that it has under the same name and shape (γ, β, and for Batch Renorm and
     Ghost BN the running statistics too; Decorrelated BN keeps its identity whitening). Children
     are replaced in place and the (possibly new) root is returned, as in
     :func:`convert_batchnorm`. Uninitialized lazy layers and BatchNorm3d are left alone.
     """
+    targets = [(name, m) for name, m in module.named_modules() if type(m) in _DIMS]
+    factories = [factory] * len(targets)
+    if getattr(factory, "slots", "all") != "all":
+        factories = factory.for_slots(  # type: ignore[attr-defined]
+            [name for name, _ in targets], [_DIMS[type(m)] == 2 for _, m in targets])
+    per_layer = {id(m): f for (_, m), f in zip(targets, factories, strict=True)}
 
     def swap(old: nn.Module) -> nn.Module | None:
         dims = _DIMS.get(type(old))
         if dims is None:
             return None
         tensors = [*old.parameters(), *(b for b in old.buffers() if b.is_floating_point())]
-        new = factory(old.num_features, dims)  # type: ignore[arg-type]
+        new = per_layer[id(old)](old.num_features, dims)  # type: ignore[arg-type]
         if tensors:
             new = new.to(device=tensors[0].device, dtype=tensors[0].dtype)
         own = new.state_dict()
