@@ -19,14 +19,22 @@ table, with the ratio ours/torch (target: at most 1.5x).
 
 Section ``cnn``: one SGD step of ``model=cnn`` with each norm against ``norm=torch``, all
 interleaved (targets: 1.5x for renorm/ghost/group/layer, 2.5x for dbn/iternorm with
-``group_size=16``). More sections go into ``SECTIONS`` (name -> function of the parsed
-arguments that prints its tables).
+``group_size=16``).
+
+Section ``ws``: one forward + backward (gradients of the input, weight, bias and, for Scaled
+WS, the gain) of a 3×3 conv, ``bnlab.nn.WSConv2d`` and ``ScaledWSConv2d`` against
+``nn.Conv2d``, at the CIFAR ResNets' conv shapes (``WS_SHAPES``, batch 128), NCHW and
+channels_last (the layout ``bnlab train`` uses on CPU), interleaved (target: at most 1.3x).
+
+More sections go into ``SECTIONS`` (name -> function of the parsed arguments that prints its
+tables).
 
 Usage::
 
     python scripts/bench_norms.py                 # all sections, 21 rounds
     python scripts/bench_norms.py --quick         # 5 rounds
     python scripts/bench_norms.py --only group    # rows whose name contains "group"
+    python scripts/bench_norms.py --section ws --threads 1 --quick   # the WS conv step
 """
 
 from __future__ import annotations
@@ -183,8 +191,58 @@ def bench_cnn(args: argparse.Namespace) -> None:
               f"{low / base_min:.2f}x | {target}x |")
 
 
+# The 3×3 convs of the CIFAR ResNets (width 16), (N, C, H, W) of their input and output.
+WS_SHAPES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8)]
+WS_TARGET = 1.3
+
+
+def _conv_step(conv: nn.Module, x: Tensor, g: Tensor) -> Callable[[], None]:
+    inputs = [x, *conv.parameters()]  # the gain of Scaled WS too
+
+    def step() -> None:
+        torch.autograd.grad(conv(x), inputs, g)
+
+    return step
+
+
+def bench_ws(args: argparse.Namespace) -> None:
+    """A conv step with weight standardization against the plain conv (the same weight)."""
+    from bnlab.nn import ScaledWSConv2d, WSConv2d
+
+    classes = {"conv": nn.Conv2d, "ws": WSConv2d, "scaled": ScaledWSConv2d}
+    rows = []
+    for shape in WS_SHAPES:
+        for fmt_name, fmt in (("NCHW", torch.contiguous_format),
+                              ("channels_last", torch.channels_last)):
+            torch.manual_seed(0)
+            x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+            g = torch.randn(shape).contiguous(memory_format=fmt)
+            steps = {}
+            for name, cls in classes.items():
+                torch.manual_seed(1)
+                conv = cls(shape[1], shape[1], 3, padding=1).to(memory_format=fmt)
+                steps[name] = _conv_step(conv, x, g)
+            times = time_interleaved(steps, args.rounds, args.warmup)
+            rows.append((shape, fmt_name, times))
+        print(f"done {shape}", flush=True)
+    print(f"\n3×3 conv, forward + backward, ms over {args.rounds} rounds (median; minimum in "
+          f"brackets); target ws/conv and scaled/conv <= {WS_TARGET}x:\n")
+    print("| shape (N,C,H,W) | layout | conv ms | ws ms | ws/conv | scaled ms | scaled/conv |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for shape, fmt_name, times in rows:
+        med = {name: statistics.median(t) for name, t in times.items()}
+        low = {name: min(t) for name, t in times.items()}
+        cells = [f"{med['conv']:.2f} [{low['conv']:.2f}]"]
+        for name in ("ws", "scaled"):
+            ratio = med[name] / med["conv"]
+            flag = "" if ratio <= WS_TARGET else " (!)"
+            cells += [f"{med[name]:.2f} [{low[name]:.2f}]",
+                      f"{ratio:.2f}x{flag} [{low[name] / low['conv']:.2f}x]"]
+        print(f"| {shape} | {fmt_name} | {' | '.join(cells)} |")
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], None]] = {"layers": bench_layers,
-                                                             "cnn": bench_cnn}
+                                                             "cnn": bench_cnn, "ws": bench_ws}
 
 
 def main() -> None:
