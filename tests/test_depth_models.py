@@ -274,3 +274,15 @@ def test_skipinit_takes_a_norm_and_weight_standardization():
     model = build_model("resnet", norm_factory("group", num_groups=2), depth=8, width=4,
                         residual="skipinit", weight_std="ws")
     assert isinstance(model, ResNet) and torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.slow
+def test_a_residual_scheme_on_a_model_without_residuals_is_refused_in_one_line(tmp_path):
+    from tests.cli import bnlab
+
+    run_dir = tmp_path / "run"
+    r = bnlab("train", "data=synthetic", "model=cnn", "model.residual=fixup",
+              f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "'model.residual'" in r.stderr
+    assert not run_dir.exists()
