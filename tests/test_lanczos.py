@@ -96,3 +96,18 @@ def test_broadening_keeps_mass_and_mean():
     # a peak of weight w has height w / (runs · σ√(2π)) at its node
     peak = dens[(grid - 30.0).abs().argmin()]
     assert float(peak) == pytest.approx(0.4 / (2 * sigma * (2 * torch.pi) ** 0.5), rel=1e-2)
+
+
+def test_residual_bounds_count_a_coupling_dropped_at_a_near_breakdown():
+    """A start vector with a 1e-12 component on one eigenvector: after 5 steps beta is tiny but
+    not 0; treated as a breakdown, it must still enter the residual bounds."""
+    lam = [1.0, 2.0, 3.0, 4.0, 5.0, 10.0]
+    a = symmetric(lam, seed=6)
+    u = torch.linalg.eigh(a).eigenvectors
+    v0 = u[:, :5].sum(1) + 1e-12 * u[:, 5]
+    run = Lanczos(lambda v: a @ v, v0, 6).run(6)
+    assert run.steps == 5 and len(run.dropped) == 1 and run.dropped[0][1] > 1e-13
+    theta, s, bound = run.ritz()
+    y = run.ritz_vectors(s)
+    true = torch.linalg.vector_norm(y @ a - theta[:, None] * y, dim=1)
+    assert torch.all(true <= bound + 1e-14) and float(true.max()) > 1e-13
