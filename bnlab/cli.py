@@ -1,5 +1,5 @@
-"""The ``bnlab`` command: ``train`` (a Hydra app, see :mod:`bnlab.hydra_app`), ``compare`` and
-``plot``.
+"""The ``bnlab`` command: ``train`` (a Hydra app, see :mod:`bnlab.hydra_app`), ``compare``,
+``plot`` and ``curvature``.
 
 ``bnlab train`` hands its arguments to Hydra untouched. User mistakes — a bad override, an
 unknown config option, missing data, a path that is not a run dir — end in one ``error: ...``
@@ -42,7 +42,8 @@ Hydra's own flags (--cfg, --info, --hydra-help, -m, --multirun, ...) work as usu
 app = typer.Typer(
     help="bnlab: study internal covariate shift and batch normalization on CIFAR-10.\n\n"
     "train runs experiments (Hydra overrides, sweeps with -m), compare summarizes sweeps, "
-    "plot draws activation-distribution, gradient, drift and ICS figures.",
+    "plot draws activation-distribution, gradient, drift and ICS figures, curvature measures "
+    "a checkpoint's Hessian.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
@@ -105,15 +106,66 @@ def plot(
     step: Annotated[list[int] | None, typer.Option(
         help="Step of a histogram snapshot; repeat for several.")] = None,
     list_only: Annotated[bool, typer.Option("--list", help="Show what the runs logged.")] = False,
+    curvature: Annotated[bool, typer.Option(
+        "--curvature", help="Overlay the runs' Hessian densities and top eigenvalues (their "
+        "curvature.json, or such files given instead of run dirs).")] = False,
 ) -> None:
     """Figures of a run's activation percentiles (Ioffe & Szegedy Fig. 1), gradient norms,
-    drift, ICS and histogram snapshots, runs side by side."""
+    drift, ICS and histogram snapshots, runs side by side; or, with --curvature, the
+    curvature results of several runs overlaid."""
     from bnlab.analysis.plot import run_plot
 
     if out is None and not list_only:
         fail(UsageError("--out FILE.png (or .svg) is required unless --list is given"))
     try:
-        run_plot(run_dirs, out, layers=layer, steps=step, list_only=list_only)
+        run_plot(run_dirs, out, layers=layer, steps=step, list_only=list_only,
+                 curvature=curvature)
+    except UsageError as e:
+        fail(e)
+
+
+@app.command(name="curvature")
+def curvature_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run dir with a checkpoint.")],
+    epoch: Annotated[int | None, typer.Option(
+        help="A kept epoch's checkpoint (keep_epoch_checkpoints); default: the latest.")] = None,
+    bn: Annotated[str, typer.Option(help="Norm statistics: batch, running or population.")
+                  ] = "batch",
+    batch_size: Annotated[int, typer.Option(help="Training images measured on.")] = 256,
+    k: Annotated[int, typer.Option("--k", help="Top eigenvalues (and overlap subspace).")] = 10,
+    iters: Annotated[int, typer.Option(help="Most Lanczos steps for the top k.")] = 100,
+    tol: Annotated[float, typer.Option(help="Relative residual of the top k.")] = 1e-3,
+    samples: Annotated[int, typer.Option(help="Hutchinson probes of the trace.")] = 50,
+    runs: Annotated[int, typer.Option(help="Lanczos runs of the density.")] = 1,
+    steps: Annotated[int, typer.Option(help="Lanczos steps per density run.")] = 80,
+    params: Annotated[list[str] | None, typer.Option(
+        help="Module path or parameter name of a block; repeat for a union. Default: all.")
+    ] = None,
+    population_batches: Annotated[int | None, typer.Option(
+        help="Training batches for --bn population; default: one epoch.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random probe vectors.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Where the run's data is now.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="The JSON file (default RUN_DIR/curvature.json); the figure goes next to it.")
+    ] = None,
+) -> None:
+    """The Hessian of a checkpoint's training loss: top eigenvalues, trace, eigenvalue density
+    and the gradient's overlap with the top eigenspace, with batch, running or population
+    statistics (bnlab.curvature), into curvature.json and a figure."""
+    import torch
+
+    from bnlab.curvature.command import Settings, run_curvature
+
+    if threads is not None:
+        if threads < 1:
+            fail(UsageError(f"--threads {threads} is invalid; allowed: an integer >= 1"))
+        torch.set_num_threads(threads)
+    settings = Settings(epoch, bn, batch_size, k, iters, tol, samples, runs, steps,
+                        params or [], population_batches, seed, device, data_root)
+    try:
+        run_curvature(run_dir, settings, out)
     except UsageError as e:
         fail(e)
 

@@ -42,6 +42,9 @@ class TrainConfig(Schema):
     deterministic: bool
     overwrite: bool
     resume: bool
+    keep_epoch_checkpoints: bool = Field(
+        description="also keep the checkpoint of every epoch's end, and of the initial "
+        "weights, as checkpoints/epoch_NNN.pt (for bnlab curvature --epoch)")
     device: str = Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
                         description="auto, cpu, cuda, cuda:N or mps")
 

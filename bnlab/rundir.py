@@ -3,7 +3,9 @@
 lock that keeps two processes out of one run dir, and atomic writes.
 
 A run dir holds ``.hydra/`` (config, overrides, Hydra settings), ``metrics.json``, TensorBoard
-event files, ``checkpoint.pt`` and ``train.log``; a sweep dir holds one run dir per job.
+event files, ``checkpoint.pt`` and ``train.log``; with ``keep_epoch_checkpoints`` also
+``checkpoints/epoch_NNN.pt``, and ``bnlab curvature`` adds ``curvature.json`` and its figure;
+a sweep dir holds one run dir per job.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from bnlab.errors import UsageError
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.json"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # the latest one, which resume continues from
+EPOCH_CHECKPOINTS = "checkpoints"  # keep_epoch_checkpoints: one per epoch end (0: initial weights)
+CURVATURE = "curvature.json"  # bnlab curvature's measures
 HYDRA_DIR = ".hydra"
 EVENT_GLOB = "events.out.tfevents.*"
 LOCK = ".bnlab.lock"  # held (flock) while a process works in the run dir
@@ -134,9 +138,23 @@ def train_summary(run_dir: Path) -> list[str]:
     return lines
 
 
+def epoch_checkpoint(epoch: int) -> str:
+    """The path, in a run dir, of the checkpoint kept at the end of ``epoch`` (``0``: before
+    the first step)."""
+    return f"{EPOCH_CHECKPOINTS}/epoch_{epoch:03d}.pt"
+
+
+def kept_epochs(run_dir: Path) -> list[int]:
+    """The epochs whose checkpoints ``run_dir`` kept, ascending."""
+    names = (p.stem.removeprefix("epoch_") for p in (run_dir / EPOCH_CHECKPOINTS).glob(
+        "epoch_*.pt"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
 def clear_run_outputs(run_dir: Path) -> None:
     """``overwrite=true``: remove the old run's outputs (not Hydra's fresh .hydra/ files)."""
-    for path in [*run_dir.glob(EVENT_GLOB), run_dir / CHECKPOINT, run_dir / METRICS]:
+    kept = [run_dir / epoch_checkpoint(e) for e in kept_epochs(run_dir)]
+    for path in [*run_dir.glob(EVENT_GLOB), run_dir / CHECKPOINT, run_dir / METRICS, *kept]:
         path.unlink(missing_ok=True)
 
 

@@ -36,6 +36,7 @@ from bnlab.rundir import (
     METRICS,
     check_run_dir,
     clear_run_outputs,
+    epoch_checkpoint,
     run_dir_lock,
     summary_config,
     write_atomic,
@@ -252,6 +253,8 @@ class Trainer:
         s, cfg = self.state, self.cfg
         if self.probes and s.step == 0:
             self.record(tracker, self.probes.start(), 0)
+        if s.step == 0:
+            self.keep_epoch()
         task = bar.add_task("train", total=self.total_steps, completed=s.step, loss=math.nan,
                             acc=math.nan, ips=0.0) if bar else None
         while s.epoch < cfg.epochs:
@@ -287,9 +290,18 @@ class Trainer:
         tracker.flush()
         state = self.checkpoint()
         write_atomic(self.run_dir / CHECKPOINT, lambda f: torch.save(state, f))
+        self.keep_epoch(state)
         metrics = self.metrics(status)
         write_json(self.run_dir / METRICS, metrics)
         return metrics
+
+    def keep_epoch(self, state: dict | None = None) -> None:
+        """``keep_epoch_checkpoints``: at an epoch's end (or before the first step), a copy of
+        the checkpoint (``state``, or the current one) under that epoch's name."""
+        if self.cfg.keep_epoch_checkpoints and self.state.batch == 0:
+            kept = state or self.checkpoint()
+            write_atomic(self.run_dir / epoch_checkpoint(self.state.epoch),
+                         lambda f: torch.save(kept, f))
 
 
 def progress_bar(cfg: DictConfig) -> Progress | None:

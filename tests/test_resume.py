@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bnlab.rundir import epoch_checkpoint, kept_epochs
 from tests.cli import bnlab, metrics, scalars, tiny
 
 # 100 steps per epoch (long enough that a kill lands mid-epoch on a fast machine), 3 epochs,
@@ -64,8 +65,10 @@ def twin(tmp_path_factory, cifar_root) -> Path:
 
 @pytest.mark.slow
 def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, cifar_root, twin):
+    """With keep_epoch_checkpoints on (the twin has it off): keeping them changes nothing of
+    the run, and the resumed run goes on keeping them."""
     run_dir = tmp_path / "run"
-    proc = start(cifar_root, run_dir)
+    proc = start(cifar_root, run_dir, "keep_epoch_checkpoints=true")
     wait_for_checkpoint(run_dir, proc)
     time.sleep(0.2)  # into the next epoch
     proc.kill()
@@ -76,6 +79,11 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(tmp_path, cifar_root
     assert r.returncode == 0, r.stderr
     assert "resuming" in r.stdout  # Hydra logs to stdout
     assert_same_run(twin, run_dir)
+    assert kept_epochs(run_dir) == [0, 1, 2, 3]
+    kept = [torch.load(run_dir / epoch_checkpoint(e), weights_only=True) for e in (1, 3)]
+    assert [c["progress"]["step"] for c in kept] == [STEPS, 3 * STEPS]
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, kept[1]["model"][k]) for k, v in final.items())
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bnlab.analysis.curvature_figure import curvature_figure, read_curvature
 from bnlab.analysis.events import Events, Snapshot, read_events
 from bnlab.analysis.output import check_writable, figure_bytes, figure_type, write_atomic
 from bnlab.analysis.runs import event_files, is_run_dir, load_run, runs_under
@@ -27,12 +28,21 @@ def run_plot(
     layers: list[str] | None = None,
     steps: list[int] | None = None,
     list_only: bool = False,
+    curvature: bool = False,
 ) -> None:
     """Draw the runs side by side into `out` (.png or .svg), or with `list_only` print what
     each run logged. `layers` default to a shallow, a middle and a deep watched layer;
-    histogram `steps` to the first, middle and last logged (else the nearest logged)."""
+    histogram `steps` to the first, middle and last logged (else the nearest logged). With
+    `curvature`, overlay the runs' `bnlab curvature` results instead (`run_dirs` may also name
+    such JSON files)."""
     if not run_dirs:
         raise UsageError("give at least one run dir to plot")
+    if curvature:
+        kind = _check_out(out)
+        results = [read_curvature(path) for path in run_dirs]
+        write_atomic(out, figure_bytes(curvature_figure(results), kind))
+        print(f"Wrote figure: {out}", file=sys.stderr)
+        return
     for run_dir in run_dirs:
         _check_run_dir(run_dir)
     kind = None if list_only else _check_out(out)

@@ -19,16 +19,24 @@ from bnlab.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name}={value!r} is invalid; allowed: an integer >= {minimum}")
-    return value
+# The smallest value of each integer setting (2 samples: a standard error needs two) ...
+MINIMUM = {"k": 1, "iters": 1, "samples": 2, "runs": 1, "steps": 1, "grid_points": 2}
+POSITIVE = ("tol", "broadening")  # ... and the settings that are numbers > 0
 
 
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise UsageError(f"{name}={value!r} is invalid; allowed: a number > 0")
-    return float(value)
+def validate_settings(**settings: object) -> None:
+    """Raise ``UsageError`` for the first setting (by the names of the functions' arguments)
+    outside its range."""
+    for name, value in settings.items():
+        if name in MINIMUM:
+            if isinstance(value, bool) or not isinstance(value, int) or value < MINIMUM[name]:
+                raise UsageError(f"{name}={value!r} is invalid; allowed: an integer >= "
+                                 f"{MINIMUM[name]}")
+        elif name in POSITIVE:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise UsageError(f"{name}={value!r} is invalid; allowed: a number > 0")
+        else:
+            raise TypeError(f"no such setting: {name}")
 
 
 def _generator(op: HessianOperator, seed: int) -> torch.Generator:
@@ -59,9 +67,7 @@ def top_eigenpairs_of(op: HessianOperator, k: int = 1, iters: int = 100, tol: fl
     eigenvalue of H, and usually much closer: residual² / gap). Like any Krylov method it
     cannot see an eigenvalue whose eigenvector the start vector misses (probability 0) before
     a restart."""
-    _check_int("k", k, 1)
-    _check_int("iters", iters, 1)
-    _check_positive("tol", tol)
+    validate_settings(k=k, iters=iters, tol=tol)
     if k > op.dim:
         raise UsageError(f"k={k} is larger than the number of parameters ({op.dim})")
     if k > iters:
@@ -95,7 +101,7 @@ def trace_of(op: HessianOperator, samples: int = 100, seed: int = 0) -> tuple[fl
     """Hutchinson's estimate of tr H: the mean of zᵀHz over ``samples`` Rademacher vectors z
     (unbiased; variance 2 Σ_{i≠j} H_ij² per sample, so exact when H is diagonal), and its
     standard error, the sample standard deviation / √samples."""
-    _check_int("samples", samples, 2)
+    validate_settings(samples=samples)
     gen = _generator(op, seed)
     values = []
     for _ in range(samples):
@@ -114,8 +120,7 @@ def quadrature_of(op: HessianOperator, runs: int = 1, steps: int = 100, seed: in
     estimates the spectral density (1/dim) Σ_j δ(t − λ_j), and its first moment × dim is the
     Hutchinson estimate of tr H with the same z (the same draws as :func:`trace_of` with the
     same seed)."""
-    _check_int("runs", runs, 1)
-    _check_int("steps", steps, 1)
+    validate_settings(runs=runs, steps=steps)
     gen = _generator(op, seed)
     nodes, weights = [], []
     for _ in range(runs):
@@ -172,8 +177,7 @@ def density(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, runs: int =
     largest (:func:`~bnlab.curvature.lanczos.broaden`). The density integrates to 1 and
     its first moment × the parameter count estimates the trace; draw it on a log scale, where
     the bulk near 0 and the isolated outliers both show."""
-    _check_int("grid_points", grid_points, 2)
-    _check_positive("broadening", broadening)
+    validate_settings(grid_points=grid_points, broadening=broadening)
     op = hessian_operator(model, loss_fn, x, y, params, bn, population_batches)
     nodes, weights = quadrature_of(op, runs, steps, seed)
     grid, values, _ = broaden(nodes, weights, grid_points, broadening)
