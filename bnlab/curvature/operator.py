@@ -28,8 +28,8 @@ from torch.func import functional_call
 
 from bnlab.errors import UsageError
 from bnlab.nn import DecorrelatedBatchNorm1d, DecorrelatedBatchNorm2d
+from bnlab.nn.stats import batch_statistics_layers
 from bnlab.precise_bn import precise_bn_copy
-from bnlab.probes.bnstats import running_stats_layers
 from bnlab.probes.readonly import fixed_rng, read_only
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -159,7 +159,7 @@ def hessian_operator(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
           torch.autocast(x.device.type, enabled=False)):
         # Only the layers with running statistics change mode; dropout and the rest keep the
         # model's flags, so two modes differ in the statistics and nothing else.
-        for layer in running_stats_layers(net).values():
+        for layer in batch_statistics_layers(net, running=True).values():
             layer.training = mode == "batch"
         _check_double_backward(net)
         own = dict(net.named_parameters())
