@@ -41,8 +41,9 @@ Conventions:
 
 - Hessian-vector products by double backward (``torch.autograd.grad`` with
   ``create_graph=True``, :mod:`bnlab.curvature.operator`): one forward and backward per
-  call, then one backward through the kept graph per product; memory about that of a
-  training step's graph, twice over, plus the Lanczos basis (steps × parameters values).
+  call, then one backward through the kept graph per product. Memory: that graph (the
+  forward's and the first backward's saved tensors, more than a training step keeps) plus the
+  Lanczos basis (steps × parameters values, in the model's dtype).
 - The function is fixed: dropout masks and BN noise are drawn once, in the operator's
   forward, under the probes' fixed seed (``bnlab.probes.readonly.PROBE_SEED``), so every
   product, every measure and every call sees the same function. Batch Renorm's r and d are

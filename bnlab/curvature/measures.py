@@ -78,7 +78,7 @@ def top_eigenpairs_of(op: HessianOperator, k: int = 1, iters: int = 100, tol: fl
     converged = False
     while not lanczos.done:
         lanczos.step()
-        if lanczos.steps - lanczos.block_start < k or lanczos.steps < k:
+        if lanczos.steps - lanczos.block_start < k:
             continue
         theta, _, residual = lanczos.ritz()
         scale = float(theta.abs().max())

@@ -75,7 +75,7 @@ def _parameters_at(model: nn.Module, path: str, trainable: list[str]) -> set[str
         return {path}
     modules = dict(model.named_modules())
     if path not in modules:
-        owners = list(dict.fromkeys(n.rpartition(".")[0] for n in trainable))
+        owners = [o for o in dict.fromkeys(n.rpartition(".")[0] for n in trainable) if o]
         shown = ", ".join(owners[:12]) + (f", ... ({len(owners)} in all)" if len(owners) > 12
                                           else "")
         raise UsageError(f"params={path!r} is not a module path or parameter of the model; "
