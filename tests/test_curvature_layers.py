@@ -84,3 +84,27 @@ def test_zca_with_running_statistics_and_population_works():
     lam_population = cv.top_eigenvalues(model, F.cross_entropy, x, y, bn="population",
                                         iters=5, population_batches=[x * 0.9, x + 0.1])
     assert torch.isfinite(lam_running).all() and torch.isfinite(lam_population).all()
+
+
+@pytest.mark.parametrize(("model", "overrides", "norm"), [
+    ("cnn", {"weight_std": "ws"}, "custom"), ("cnn", {"weight_std": "scaled"}, "none"),
+    ("resnet", {"residual": "skipinit"}, "custom"), ("resnet", {"residual": "fixup"}, "none"),
+    ("resnet", {"residual": "nf", "weight_std": "scaled"}, "none"),
+    ("plain", {"depth": 3}, "custom")])
+def test_hessian_vector_products_of_the_model_options(model, overrides, norm, monkeypatch):
+    """Weight standardization and the residual variants; the ResNet blocks' functional ReLUs
+    smoothed too (a difference across a ReLU kink would not be a second derivative)."""
+    monkeypatch.setattr(torch, "relu", F.softplus)
+    torch.manual_seed(0)
+    size = {"depth": 8, "width": 4} if model == "resnet" else {"width": 4} if model == "plain" \
+        else {"channels": [4, 8], "hidden": 16}
+    net = smooth(build_model(model, norm_factory(norm), **size, **overrides)).double().train()
+    x, y = data()
+    op = cv.hessian_operator(net, F.cross_entropy, x, y)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    hv = op.matvec(v)
+    grads = [cv.hessian_operator(shifted(net, op.unflatten(v), s * EPS), F.cross_entropy, x,
+                                 y).gradient for s in (1, -1)]
+    finite = (grads[0] - grads[1]) / (2 * EPS)
+    assert float(torch.linalg.vector_norm(finite - hv)) <= 1e-6 * float(
+        torch.linalg.vector_norm(hv))
