@@ -244,3 +244,47 @@ class IterNorm(Decorrelated):
 
     def layer_kwargs(self) -> dict:
         return {**super().layer_kwargs(), "iterations": self.iterations}
+
+
+class FilterResponse(NormOption):
+    """Filter Response Normalization with its TLU (Singh & Krishnan 2020): each sample's channel
+    divided by its root mean square over the map, then max(γx̂ + β, τ); no batch statistics."""
+
+    name: Literal["frn"] = "frn"
+    eps: float = Field(gt=0, description="the constant ε, or the lower bound of the learned one "
+                       "(a number > 0)")
+    learnable_eps: bool = Field(description="learn ε = eps + |ε_l| (the paper's choice for "
+                                "1×1 maps and linear layers)")
+    eps_init: float = Field(gt=0, description="the learned ε_l's initial value, with "
+                            "learnable_eps (a number > 0)")
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        return get_class("bnlab.nn.FilterResponseNorm")(
+            num_features, eps=self.eps, learnable_eps=self.learnable_eps, eps_init=self.eps_init)
+
+
+class EvoB0(NormOption):
+    """EvoNorm B0 (Liu et al. 2020): x / max(batch std, v·x + instance std) · γ + β; the batch
+    variance has a running average for evaluation, as BN's."""
+
+    name: Literal["evonorm_b0"] = "evonorm_b0"
+    eps: Eps
+    momentum: Momentum
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        return get_class("bnlab.nn.EvoNormB0")(num_features, eps=self.eps, momentum=self.momentum)
+
+
+class EvoS0(NormOption):
+    """EvoNorm S0 (Liu et al. 2020): x · σ(v·x) / group std · γ + β, each sample over groups of
+    channels (as group norm); no batch statistics."""
+
+    name: Literal["evonorm_s0"] = "evonorm_s0"
+    eps: Eps
+    groups: int = Field(ge=1, description="groups of channels; must divide every slot's channels")
+
+    def layer(self, num_features: int, dims: int) -> nn.Module:
+        if num_features % self.groups:
+            raise UsageError(f"norm.groups={self.groups} does not divide a norm slot of "
+                             f"{num_features} channels; choose a divisor of every slot's width")
+        return get_class("bnlab.nn.EvoNormS0")(num_features, groups=self.groups, eps=self.eps)

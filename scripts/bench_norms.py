@@ -11,15 +11,18 @@ malloc set up as ``bnlab train`` sets it (``keep_freed_memory``), at the shapes 
   ``nn.BatchNorm2d``;
 * ``ghost32``: ``GhostBatchNorm2d(C, virtual_batch_size=32)`` vs ``nn.BatchNorm2d``;
 * ``dbn16`` / ``iter16``: ``DecorrelatedBatchNorm2d(C, group_size=16, whitening="zca" | "iter")``
-  vs ``nn.BatchNorm2d``, when ``bnlab.nn.decorrelated`` imports.
+  vs ``nn.BatchNorm2d``, when ``bnlab.nn.decorrelated`` imports;
+* ``frn``, ``evonorm_b0``, ``evonorm_s0``: ``FilterResponseNorm(C)``, ``EvoNormB0(C)``,
+  ``EvoNormS0(C, groups=32)`` vs ``nn.BatchNorm2d`` (torch has none of them; BN is what they
+  replace). Their TLU / nonlinearity is part of the layer, BN's ReLU is not timed.
 
 Each round runs one step of every layer of a shape, ours and torch's, in turn (so drifts of a
 shared machine hit all alike); after warm-up the median over rounds is reported in a markdown
 table, with the ratio ours/torch (target: at most 1.5x).
 
 Section ``cnn``: one SGD step of ``model=cnn`` with each norm against ``norm=torch``, all
-interleaved (targets: 1.5x for renorm/ghost/group/layer, 2.5x for dbn/iternorm with
-``group_size=16``).
+interleaved (targets: 1.5x for renorm/ghost/group/layer and frn/evonorm_b0/evonorm_s0,
+2.5x for dbn/iternorm with ``group_size=16``).
 
 Section ``ws``: one forward + backward (gradients of the input, weight, bias and, for Scaled
 WS, the gain) of a 3×3 conv, ``bnlab.nn.WSConv2d`` and ``ScaledWSConv2d`` against
@@ -54,6 +57,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bnlab.nn.evonorm import EvoNormB0, EvoNormS0
+from bnlab.nn.frn import FilterResponseNorm
 from bnlab.nn.ghost import GhostBatchNorm2d
 from bnlab.nn.groupnorm import GroupNorm
 from bnlab.nn.renorm import BatchRenorm2d
@@ -78,6 +83,9 @@ def layer_pairs() -> list[Pair]:
         Pair("group1", lambda c: GroupNorm(1, c), lambda c: nn.GroupNorm(1, c)),
         Pair("renorm", BatchRenorm2d, nn.BatchNorm2d),
         Pair("ghost32", lambda c: GhostBatchNorm2d(c, virtual_batch_size=32), nn.BatchNorm2d),
+        Pair("frn", FilterResponseNorm, nn.BatchNorm2d),
+        Pair("evonorm_b0", EvoNormB0, nn.BatchNorm2d),
+        Pair("evonorm_s0", lambda c: EvoNormS0(c, groups=32), nn.BatchNorm2d),
     ]
     try:  # written by another part of issue 16; benchmarked once it is there
         from bnlab.nn.decorrelated import DecorrelatedBatchNorm2d
@@ -151,9 +159,10 @@ def _ratio(ours: float, ref: float) -> str:
     return f"{ours / ref:.2f}x" + ("" if ours / ref <= TARGET_RATIO else " (!)")
 
 
-# Step-time targets of a model=cnn training step, relative to norm=torch (issue 16).
+# Step-time targets of a model=cnn training step, relative to norm=torch (issues 16, 23).
 CNN_TARGETS = {"renorm": 1.5, "ghost": 1.5, "group": 1.5, "layer": 1.5, "dbn": 2.5,
-               "iternorm": 2.5, "custom": 1.5, "none": 1.5}
+               "iternorm": 2.5, "custom": 1.5, "none": 1.5, "frn": 1.5, "evonorm_b0": 1.5,
+               "evonorm_s0": 1.5}
 
 
 def bench_cnn(args: argparse.Namespace) -> None:

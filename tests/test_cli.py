@@ -163,6 +163,7 @@ BAD_INPUTS = [
     (["sched=step", "sched.milestones=[2]"], r"sched.milestones=\[2\] is invalid \(item 0\)"),
     (["resume=true", "overwrite=true"], r"resume=true and overwrite=true contradict"),
     (["norm=group", "norm.num_groups=3"], r"norm.num_groups=3 does not divide a norm slot of 4"),
+    (["norm=evonorm_s0", "norm.groups=3"], r"norm.groups=3 does not divide a norm slot of 4"),
 ]
 
 

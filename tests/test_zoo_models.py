@@ -14,8 +14,10 @@ TINY = {"cnn": {"channels": [4, 8], "hidden": 8}, "vgg11": {"hidden": 8},
         "resnet20": {"width": 4, "blocks": 1}, "resnet": {"width": 4, "depth": 8},
         "plain": {"width": 4, "depth": 3}}
 LINEAR_SLOTS = ("cnn", "vgg11")  # models with hidden linear slots (1-d layers)
-ZOO = ["renorm", "ghost", "group", "layer", "dbn", "iternorm"]
-GROUPS = {"group": {"num_groups": 2}, "dbn": {"group_size": 4}, "iternorm": {"group_size": 4}}
+ZOO = ["renorm", "ghost", "group", "layer", "dbn", "iternorm", "frn", "evonorm_b0", "evonorm_s0"]
+GROUPS = {"group": {"num_groups": 2}, "dbn": {"group_size": 4}, "iternorm": {"group_size": 4},
+          "evonorm_s0": {"groups": 2}}
+ONE_CLASS = ("group", "layer", "frn", "evonorm_b0", "evonorm_s0")  # one layer for (N, C, *)
 
 
 @pytest.mark.parametrize("model", list(TINY))
@@ -30,7 +32,7 @@ def test_every_norm_fills_every_slot_of_every_model(model, norm):
     else:
         assert nn.Identity not in kinds and len(kinds) >= 1
         if model in LINEAR_SLOTS:  # the hidden linear slots get the 1-d layer
-            assert len(kinds) == 2 or norm in ("group", "layer")
+            assert len(kinds) == 2 or norm in ONE_CLASS
     x = torch.randn(6, 3, 32, 32)
     out = net(x)
     out.sum().backward()

@@ -19,6 +19,9 @@ What lives where:
   (``groupnorm.py``, Wu & He 2018; layer norm is one group),
   :class:`DecorrelatedBatchNorm1d`/``2d`` (``decorrelated.py``: ZCA whitening, Huang et al.
   2018, and IterNorm, Huang et al. 2019; its matrix functions in ``whitening.py``).
+* The norm-free alternatives (no mean subtracted, normalization and activation in one):
+  :class:`FilterResponseNorm` (``frn.py``, FRN + TLU, Singh & Krishnan 2020),
+  :class:`EvoNormB0` and :class:`EvoNormS0` (``evonorm.py``, Liu et al. 2020).
 * :class:`NoisyBatchNorm1d`/``2d`` (``noisy.py``): the custom BN followed by the
   time-varying noise of Santurkar et al. (2018), Sec. 2.1, in training mode.
 * :func:`convert_batchnorm`, :func:`replace_batchnorm` (``convert.py``): swap every batch-norm
@@ -36,6 +39,8 @@ one place that picks the implementation (eager: the fast path; ``fast=False`` or
 from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.nn.convert import convert_batchnorm, replace_batchnorm
 from bnlab.nn.decorrelated import DecorrelatedBatchNorm1d, DecorrelatedBatchNorm2d
+from bnlab.nn.evonorm import EvoNormB0, EvoNormS0
+from bnlab.nn.frn import FilterResponseNorm
 from bnlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d
 from bnlab.nn.groupnorm import GroupNorm
 from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
@@ -51,6 +56,9 @@ __all__ = [
     "BatchRenorm2d",
     "DecorrelatedBatchNorm1d",
     "DecorrelatedBatchNorm2d",
+    "EvoNormB0",
+    "EvoNormS0",
+    "FilterResponseNorm",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GroupNorm",

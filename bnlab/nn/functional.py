@@ -12,6 +12,8 @@ except 1 (:func:`reduce_dims`); :math:`n` is the number of values a statistic av
   variance of :math:`n` values to the unbiased one (running statistics, Precise BN).
 * :func:`normalize`: :math:`\hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}`, then the
   per-channel affine :math:`\gamma \hat x + \beta` (:func:`affine`).
+* :func:`row_sums` and :func:`per_row`: sums over each (sample, channel) row's positions, and
+  the ``(N, C)`` result viewed to broadcast back (the per-sample statistics of FRN, EvoNorm).
 * :func:`update_running_stats`: the moving average of the mean and of the unbiased variance, in
   place, outside autograd.
 
@@ -22,6 +24,8 @@ CPU path are checked against them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,7 +35,9 @@ __all__ = [
     "compute_dtype",
     "normalize",
     "per_channel",
+    "per_row",
     "reduce_dims",
+    "row_sums",
     "unbiased_variance",
     "update_running_stats",
 ]
@@ -53,6 +59,18 @@ def reduce_dims(x: Tensor) -> tuple[int, ...]:
 def per_channel(t: Tensor, ndim: int) -> Tensor:
     """View a ``(C,)`` vector so it broadcasts against an ``(N, C, *)`` tensor of ``ndim`` dims."""
     return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def row_sums(x: Tensor) -> Tensor:
+    """``(N, C, *)`` summed over the positions ``*`` of each sample and channel: ``(N, C)`` (an
+    ``(N, C)`` input is its own sum: one position)."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).sum(-1)
+
+
+def per_row(t: Tensor, ndim: int) -> Tensor:
+    """View an ``(N, C)`` tensor (a value per sample and channel) so it broadcasts against an
+    ``(N, C, *)`` tensor of ``ndim`` dims."""
+    return t.view(t.shape + (1,) * (ndim - 2))
 
 
 def batch_stats(
