@@ -41,9 +41,9 @@ class NormOption(Option):
     says which slots of a model take this option and ``rest`` which option the others take
     (``for_slots``). ``fast`` is a key of every option, so that a sweep over norms can set it;
     it reaches the layers that have an eager fast path (``fast_path``: bnlab's BN, noisy BN,
-    Batch Renorm, Ghost BN, Group/Layer Norm) and means nothing for the others: torch's layers
-    run torch's kernels, ``none`` has no layer, and decorrelated BN and IterNorm have one
-    implementation, which is their reference."""
+    Batch Renorm, Ghost BN, Group/Layer Norm, FRN, EvoNorm B0/S0) and means nothing for the
+    others: torch's layers run torch's kernels, ``none`` has no layer, and decorrelated BN and
+    IterNorm have one implementation, which is their reference."""
 
     group: ClassVar[str] = "norm"
     fast_path: ClassVar[bool] = True
@@ -260,7 +260,8 @@ class FilterResponse(NormOption):
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
         return get_class("bnlab.nn.FilterResponseNorm")(
-            num_features, eps=self.eps, learnable_eps=self.learnable_eps, eps_init=self.eps_init)
+            num_features, eps=self.eps, learnable_eps=self.learnable_eps, eps_init=self.eps_init,
+            fast=self.fast)
 
 
 class EvoB0(NormOption):
@@ -272,7 +273,8 @@ class EvoB0(NormOption):
     momentum: Momentum
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
-        return get_class("bnlab.nn.EvoNormB0")(num_features, eps=self.eps, momentum=self.momentum)
+        return get_class("bnlab.nn.EvoNormB0")(num_features, eps=self.eps, momentum=self.momentum,
+                                               fast=self.fast)
 
 
 class EvoS0(NormOption):
@@ -287,4 +289,5 @@ class EvoS0(NormOption):
         if num_features % self.groups:
             raise UsageError(f"norm.groups={self.groups} does not divide a norm slot of "
                              f"{num_features} channels; choose a divisor of every slot's width")
-        return get_class("bnlab.nn.EvoNormS0")(num_features, groups=self.groups, eps=self.eps)
+        return get_class("bnlab.nn.EvoNormS0")(num_features, groups=self.groups, eps=self.eps,
+                                               fast=self.fast)

@@ -15,15 +15,16 @@ al.'s parallel formula (no E[x²] − E[x]² cancellation). The layers are found
 the statistics interface (:mod:`bnlab.nn.stats`), whatever their type:
 ``load_population_statistics`` gets the population mean and the unbiased population variance
 (n − 1 in the denominator, as BN's own running variance; BN and its variants, Batch Renorm and
-Ghost BN too: over the whole batches, not per virtual batch), or, for a layer whose statistics
-are a whitening (decorrelated BN, IterNorm), the unbiased population covariance, which the
-layer turns into its running whitening.
+Ghost BN too: over the whole batches, not per virtual batch; EvoNorm B0 keeps the variance
+only), or, for a layer whose statistics are a whitening (decorrelated BN, IterNorm), the
+unbiased population covariance, which the layer turns into its running whitening.
 
-Layers without running statistics (``track_running_stats=False``, Group Norm) are left alone;
-every other buffer (``num_batches_tracked``) and every parameter keep the original's values. The
-original model, its buffers, ``.grad`` and flags, and the global RNG streams are untouched:
-dropout and BN noise in the copy's forwards draw from a forked RNG seeded with the probes' fixed
-seed, so a run with Precise BN evaluations trains bit-identically to one without.
+Layers without running statistics (``track_running_stats=False``, Group Norm, FRN, EvoNorm S0)
+are left alone; every other buffer (``num_batches_tracked``) and every parameter keep the
+original's values. The original model, its buffers, ``.grad`` and flags, and the global RNG
+streams are untouched: dropout and BN noise in the copy's forwards draw from a forked RNG seeded
+with the probes' fixed seed, so a run with Precise BN evaluations trains bit-identically to one
+without.
 """
 
 from __future__ import annotations

@@ -60,6 +60,24 @@ def test_bn_mismatch_equals_the_hand_computed_values(make):
     assert layer.num_batches_tracked == 0
 
 
+def test_evonorm_b0_mismatch_is_the_variance_ratio_alone():
+    """EvoNorm B0 divides by a batch std and subtracts no mean: the channels of the test above
+    give only |log(5/4)| and |log(2/1)|, from the probe too, read-only."""
+    layer = bnn.EvoNormB0(2, eps=1.0)
+    layer.running_var.copy_(torch.tensor([3.0, 0.0]))
+    x = with_moments([1.0, -2.0], [4.0, 1.0])
+    expected = pytest.approx((math.log(1.25) + math.log(2)) / 2)
+    assert {k: float(v) for k, v in stats_mismatch(layer, x).items()} == {
+        "log_var_ratio": expected}
+    model = nn.Sequential(nn.Identity(), layer)
+    assert list(running_stats_layers(model)) == ["1"]
+    probe = StatsMismatchProbe(model)
+    probe_forward(model, x, PROBE_SEED, [probe])
+    assert {k: float(v) for k, v in probe.measure().items()} == {
+        "bnstats/log_var_ratio/1": expected}
+    assert layer.running_var.tolist() == [3.0, 0.0] and layer.num_batches_tracked == 0
+
+
 def test_ghost_bn_is_measured_with_the_whole_batch_statistics():
     """Virtual batches of 2 samples whose means differ (±3): per chunk the variance is 1, over
     the whole batch 10, and the latter is what the tags use."""
@@ -113,7 +131,7 @@ def test_only_layers_with_running_statistics_are_measured():
         "bnstats/mean_shift/7", "bnstats/mean_shift/8", "bnstats/whitening_dist/8"]
 
 
-@pytest.mark.parametrize("norm", ["torch", "renorm", "ghost", "dbn"])
+@pytest.mark.parametrize("norm", ["torch", "renorm", "ghost", "dbn", "evonorm_b0"])
 def test_probe_in_a_model_measures_each_norm_input_at_init(norm):
     """At init the running statistics are mean 0, variance 1 (whitening I): the tags follow
     from the inputs the norm layers saw in the probe forward."""
@@ -127,14 +145,17 @@ def test_probe_in_a_model_measures_each_norm_input_at_init(norm):
     for h in handles:
         h.remove()
     second = "whitening_dist" if norm == "dbn" else "log_var_ratio"
-    assert set(got) == {f"bnstats/{m}/{n}" for m in ("mean_shift", second) for n in norms}
+    means = () if norm == "evonorm_b0" else ("mean_shift",)  # B0 subtracts no mean
+    assert len(norms) == 3  # the cnn's two conv slots and its hidden linear slot
+    assert set(got) == {f"bnstats/{m}/{n}" for m in (*means, second) for n in norms}
     for name, x in seen.items():
         dims = [d for d in range(x.dim()) if d != 1]
         var, mean = torch.var_mean(x.double(), dim=dims, correction=0)
         layer = model.get_submodule(name)
         run_var_eps = 1.0 if norm == "dbn" else 1 + layer.eps  # diag((I·I)⁻¹) for the whitening
-        assert got[f"bnstats/mean_shift/{name}"] == pytest.approx(
-            float((mean.abs() / math.sqrt(run_var_eps)).mean()), rel=1e-5)
+        if means:
+            assert got[f"bnstats/mean_shift/{name}"] == pytest.approx(
+                float((mean.abs() / math.sqrt(run_var_eps)).mean()), rel=1e-5)
         if norm == "dbn":
             _, w_batch = layer.batch_whitening(x)
             eye = torch.eye(len(w_batch), dtype=torch.float64)

@@ -18,7 +18,10 @@ from torch import Tensor, nn
 
 import bnlab.nn as bnn
 import bnlab.nn.batchnorm as bnbn
+import bnlab.nn.evonorm as evonorm
+import bnlab.nn.frn as frn
 import bnlab.nn.groupnorm as groupnorm
+import bnlab.nn.normfree_fast as normfree_fast
 import bnlab.nn.renorm as renorm
 from bnlab.config import validate
 from bnlab.registry import load_option
@@ -59,9 +62,15 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     for fn_cls, tag in ((bnbn._BatchNormTrainFn, "bn.ref.train"),
                         (bnbn._BatchNormEvalFn, "bn.ref.eval"),
                         (bnbn.FastTrainFn, "bn.fast.train"), (bnbn.FastEvalFn, "bn.fast.eval"),
-                        (groupnorm._PooledRowNormFn, "rows.fast")):
+                        (groupnorm._PooledRowNormFn, "rows.fast"),
+                        (normfree_fast._FilterResponseNormFn, "frn.fast"),
+                        (normfree_fast._EvoNormB0TrainFn, "b0.fast"),
+                        (normfree_fast._EvoNormS0Fn, "s0.fast")):
         _spy_function(monkeypatch, record, fn_cls, tag)
     _spy_callable(monkeypatch, record, groupnorm, "_reference", "rows.ref")
+    _spy_callable(monkeypatch, record, frn, "filter_response_norm", "frn.ref")
+    _spy_callable(monkeypatch, record, evonorm, "evonorm_b0", "b0.ref")
+    _spy_callable(monkeypatch, record, evonorm, "evonorm_s0", "s0.ref")
     _spy_callable(monkeypatch, record, renorm, "batch_stats", "renorm.ref.stats")
     _spy_callable(monkeypatch, record, renorm, "batch_stats_fast", "renorm.fast.stats")
     return record
@@ -70,6 +79,10 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 BN_TRAIN, BN_EVAL = ("bn.{}.train.forward", "bn.{}.train.backward"), ("bn.{}.eval.forward",
                                                                       "bn.{}.eval.backward")
 ROWS = ("rows.ref",), ("rows.fast.forward", "rows.fast.backward")  # (reference, fast)
+FRN = ("frn.ref",), ("frn.fast.forward", "frn.fast.backward")
+B0_TRAIN = ("b0.ref",), ("b0.fast.forward", "b0.fast.backward")
+B0_EVAL = ("b0.ref",), ("b0.ref",)  # evaluation: the reference on either setting
+S0 = ("s0.ref",), ("s0.fast.forward", "s0.fast.backward")
 
 # layer, input shape, and what a train and an eval step run, per path ("{}": ref or fast)
 LAYERS: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], dict[str, tuple]]] = {
@@ -86,12 +99,17 @@ LAYERS: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], dict[str, tup
               {"train": ROWS, "eval": BN_EVAL}),
     "group": (functools.partial(bnn.GroupNorm, 3), (4, 3, 5, 5), {"train": ROWS, "eval": ROWS}),
     "layer": (functools.partial(bnn.GroupNorm, 1), (4, 3, 5, 5), {"train": ROWS, "eval": ROWS}),
+    "frn": (bnn.FilterResponseNorm, (4, 3, 5, 5), {"train": FRN, "eval": FRN}),
+    "frn-nc": (bnn.FilterResponseNorm, (6, 3), {"train": FRN, "eval": FRN}),
+    "evonorm_b0": (bnn.EvoNormB0, (4, 3, 5, 5), {"train": B0_TRAIN, "eval": B0_EVAL}),
+    "evonorm_s0": (functools.partial(bnn.EvoNormS0, groups=3), (4, 3, 5, 5),
+                   {"train": S0, "eval": S0}),
 }
 
 
 def _expected(runs: tuple, fast: bool) -> set[str]:
-    if runs is ROWS:
-        return set(ROWS[fast])
+    if isinstance(runs[0], tuple):  # (reference tags, fast tags)
+        return set(runs[fast])
     return {tag.format("fast" if fast else "ref") for tag in runs}
 
 
@@ -141,7 +159,8 @@ def test_fast_is_a_plain_attribute_not_state() -> None:
 
 
 @pytest.mark.parametrize("norm", ["custom", "noisy", "renorm", "ghost", "group", "layer",
-                                  "torch", "none", "dbn", "iternorm"])
+                                  "torch", "none", "dbn", "iternorm", "frn", "evonorm_b0",
+                                  "evonorm_s0"])
 def test_norm_fast_reaches_every_layer_with_a_fast_path(norm: str) -> None:
     """``norm.fast`` is a key of every option; it sets ``fast`` on the layers that have one,
     and the others (torch's layers, an empty slot, decorrelated BN) are built as before."""

@@ -47,16 +47,20 @@ def flat(xs: list[Tensor]) -> Tensor:
     return torch.cat([x.movedim(1, -1).reshape(-1, x.shape[1]) for x in xs]).double()
 
 
-@pytest.mark.parametrize("norm", ["torch", "custom", "noisy", "renorm", "ghost"])
+@pytest.mark.parametrize("norm", ["torch", "custom", "noisy", "renorm", "ghost", "evonorm_b0"])
 def test_running_stats_are_the_population_statistics_of_the_layer_inputs(norm):
     model = tiny_model(norm, dropout=0.5, conv_dropout=0.3)
     twin, seen, modes = population(model, batches(5), num_batches=5)
     assert all(modes)  # train mode: each layer saw inputs normalized with batch statistics
+    assert len(running_stats_layers(twin)) == 3  # two conv slots and the hidden linear one
     for name, layer in running_stats_layers(twin).items():
         assert len(seen[name]) == 5, name
         values = flat(seen[name])
         mean, var = values.mean(0), values.var(0, correction=1)
-        torch.testing.assert_close(layer.running_mean, mean.float(), rtol=1e-6, atol=1e-7)
+        if norm == "evonorm_b0":  # a running variance and no running mean
+            assert not hasattr(layer, "running_mean")
+        else:
+            torch.testing.assert_close(layer.running_mean, mean.float(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(layer.running_var, var.float(), rtol=1e-6, atol=1e-7)
         original = model.get_submodule(name)
         assert not torch.allclose(layer.running_var, original.running_var)  # really re-estimated

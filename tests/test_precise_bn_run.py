@@ -9,7 +9,7 @@ from tests.cli import bnlab, metrics, scalars, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["custom", "dbn"])
+@pytest.mark.parametrize("norm", ["custom", "dbn", "evonorm_b0"])
 def test_precise_bn_records_both_accuracies_and_trains_identically(tmp_path, cifar_root, norm):
     runs = {}
     for batches in (0, 3):

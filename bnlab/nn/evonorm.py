@@ -60,6 +60,7 @@ from bnlab.nn.functional import (
     row_sums,
     update_running_stats,
 )
+from bnlab.nn.stats import NormStatistics
 
 __all__ = ["EvoNormB0", "EvoNormS0", "evonorm_b0", "evonorm_s0"]
 
@@ -160,7 +161,9 @@ class EvoNormB0(_EvoNorm):
 
     Parameters ``weight`` (γ), ``bias`` (β), ``v``; buffers ``running_var`` (ones) and
     ``num_batches_tracked``, named as torch's BN's (no ``running_mean``: B0 subtracts no
-    mean). A training batch needs more than one value per channel.
+    mean). A training batch needs more than one value per channel. It speaks the statistics
+    interface (:mod:`bnlab.nn.stats`: a variance and no mean), so the ``bnstats/`` probe
+    measures it (``log_var_ratio`` only) and Precise BN re-estimates its running variance.
 
     Shape:
         - Input: :math:`(N, C, *)`; output: same shape.
@@ -226,13 +229,28 @@ class EvoNormB0(_EvoNorm):
         else:
             var = batch_stats(input)[1]
             y = evonorm_b0(input, var, self.weight, self.bias, self.v, self.eps)
-        # B0 keeps no running mean, so the mean argument goes unused
-        update_running_stats(None, self.running_var, mean=var, var=var, n=n, momentum=factor)
+        update_running_stats(None, self.running_var, None, var, n, factor)  # no running mean
         return y
 
     def _reference_train(self, x: Tensor, weight: Tensor, bias: Tensor, v: Tensor) -> Tensor:
         """The training-mode reference, batch variance included (the fast path's oracle)."""
         return evonorm_b0(x, batch_stats(x)[1], weight, bias, v, self.eps)
+
+    # -- the statistics interface (bnlab.nn.stats.BatchStatistics): a variance, no mean --------
+
+    def batch_statistics(self, x: Tensor) -> NormStatistics:
+        """The batch variance a training forward divides by (``mean`` None: B0 subtracts none)."""
+        return NormStatistics(None, batch_stats(x)[1], eps=self.eps)
+
+    def running_statistics(self) -> NormStatistics:
+        """``running_var``, which eval divides by."""
+        return NormStatistics(None, self.running_var, eps=self.eps)
+
+    @torch.no_grad()
+    def load_population_statistics(self, mean: Tensor, variance: Tensor) -> None:
+        """``running_var`` = ``variance``, the (unbiased) population variance; ``mean`` is
+        ignored (there is no running mean)."""
+        self.running_var.copy_(variance)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

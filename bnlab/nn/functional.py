@@ -115,7 +115,7 @@ def unbiased_variance(var: Tensor, n: int) -> Tensor:
 def update_running_stats(
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    mean: Tensor,
+    mean: Tensor | None,
     var: Tensor,
     n: int,
     momentum: float,
@@ -123,8 +123,8 @@ def update_running_stats(
     r"""``running = (1 - momentum) * running + momentum * batch``, in place, for the mean and
     for the :func:`unbiased_variance` (``var`` is the biased one of ``n`` values, ``n > 1``).
     Computed in the statistic's dtype and rounded once into the buffer's dtype. A None buffer
-    is left alone."""
-    if running_mean is not None:
+    is left alone (and ``mean`` may be None without a running mean)."""
+    if running_mean is not None and mean is not None:
         running_mean.copy_(running_mean.to(mean.dtype) * (1.0 - momentum) + mean * momentum)
     if running_var is not None:
         unbiased = unbiased_variance(var, n)

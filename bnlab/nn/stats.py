@@ -16,17 +16,18 @@ A layer with batch-dependent statistics implements :class:`BatchStatistics`, thr
 
 bnlab's BN and its variants (noisy BN, Batch Renorm, Ghost BN) get it from
 :class:`ChannelStatistics` (per-channel mean and variance over BN's state), decorrelated BN and
-IterNorm implement it with their whitening matrices. :func:`statistics_of` gives any module's
-interface: the module itself, an adapter for ``torch.nn.BatchNorm1d/2d/3d`` and
-``torch.nn.SyncBatchNorm`` (which we cannot edit; they keep the same state), or None for a
-layer without batch statistics (Group/Layer Norm, an empty slot).
+IterNorm implement it with their whitening matrices, EvoNorm B0 with a variance and no mean (see
+below). :func:`statistics_of` gives any module's interface: the module itself, an adapter for
+``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` (which we cannot edit; they keep
+the same state), or None for a layer without batch statistics (Group/Layer Norm, FRN,
+EvoNorm S0, an empty slot).
 :func:`batch_statistics_layers` finds them in a model.
 
-Room for the layers to come:
+Two cases beyond per-channel mean and variance (the second for a layer to come):
 
 * **No mean statistic.** A layer that divides by a batch standard deviation and subtracts no
-  mean (EvoNorm B0) reports ``mean=None`` in its statistics and ignores the mean it is given
-  to load; the probe then has no mean shift for it.
+  mean (EvoNorm B0, :mod:`bnlab.nn.evonorm`) reports ``mean=None`` in its statistics and
+  ignores the mean it is given to load; the probe then has no mean shift for it.
 * **Statistics pooled across processes.** A layer whose training forward pools its statistics
   over the processes of a group (SyncBN: one all_reduce of counts, sums and sums of squares)
   still computes ``batch_statistics(x)`` from the ``x`` it is given, without communication:

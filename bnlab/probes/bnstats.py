@@ -8,8 +8,9 @@ seeded), from each norm layer's input just before the layer runs (a pre-hook, so
 statistics are read before the forward updates them; ``read_only`` puts them back after).
 
 Every layer with running statistics is measured (``torch.nn.BatchNorm*``, bnlab's BN, noisy BN,
-Batch Renorm, Ghost BN, decorrelated BN), whatever ``probe.layers`` watches; layers without
-(``track_running_stats=False``, Group Norm, an empty slot) have no tags. Each layer says what
+Batch Renorm, Ghost BN, decorrelated BN, EvoNorm B0), whatever ``probe.layers`` watches; layers
+without (``track_running_stats=False``, Group Norm, FRN, EvoNorm S0, an empty slot) have no
+tags. Each layer says what
 it normalizes with through the statistics interface (``bnlab.nn.stats``): its batch statistics
 for the probe batch, as a training forward would compute them, and its running statistics;
 nothing here knows a layer type. Per channel c, over all values of the channel in the probe
@@ -33,7 +34,7 @@ training uses them and the running W_run):
   running covariance the whitening undoes (``NormStatistics.variance_plus_eps``);
 - ``bnstats/whitening_dist/<norm>`` = ‖W_B − W_run‖_F / ‖W_run‖_F.
 
-A layer without a mean statistic (it subtracts none) has no ``mean_shift``.
+A layer without a mean statistic (it subtracts none: EvoNorm B0) has no ``mean_shift``.
 """
 
 from __future__ import annotations
