@@ -223,7 +223,7 @@ class EvoNormB0(_EvoNorm):
         if n <= 1:
             raise ValueError("Expected more than 1 value per channel when training, got input "
                              f"size {tuple(input.shape)}")
-        if self.fast and normfree_fast.applies():
+        if self.fast and not torch.compiler.is_compiling():
             y, var = normfree_fast.evonorm_b0_train(input, self.weight, self.bias, self.v,
                                                     self.eps, self._reference_train)
         else:
@@ -299,7 +299,7 @@ class EvoNormS0(_EvoNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        if self.fast and normfree_fast.applies():
+        if self.fast and not torch.compiler.is_compiling():
             return normfree_fast.evonorm_s0(input, self.groups, self.weight, self.bias, self.v,
                                             self.eps, self._reference)
         return evonorm_s0(input, self.groups, self.weight, self.bias, self.v, self.eps)

@@ -157,7 +157,7 @@ class FilterResponseNorm(nn.Module):
             raise ValueError(f"expected an (N, {self.num_features}, *) input, got input of size "
                              f"{tuple(input.shape)}")
         eps = self.effective_eps()
-        if self.fast and normfree_fast.applies():
+        if self.fast and not torch.compiler.is_compiling():
             return normfree_fast.filter_response_norm(input, self.weight, self.bias, self.tau,
                                                       eps, filter_response_norm)
         return filter_response_norm(input, self.weight, self.bias, self.tau, eps)

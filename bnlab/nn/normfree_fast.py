@@ -55,17 +55,11 @@ from torch.autograd import Function
 
 from bnlab.nn.functional import compute_dtype, per_channel, per_row, reduce_dims, row_sums
 
-__all__ = ["applies", "evonorm_b0_train", "evonorm_s0", "filter_response_norm"]
+__all__ = ["evonorm_b0_train", "evonorm_s0", "filter_response_norm"]
 
 Reference = Callable[..., Tensor]
 """The reference formula as a function of the Function's tensor inputs (and FRN's ``eps``):
 differentiated when a backward needs a graph."""
-
-
-def applies() -> bool:
-    """Whether an eager fast path may serve this call: never while ``torch.compile`` traces
-    (it traces the reference)."""
-    return not torch.compiler.is_compiling()
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
