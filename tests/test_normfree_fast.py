@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import bnlab.nn.normfree_fast as normfree_fast
+import bnlab.nn.passes as passes
 from bnlab.nn import EvoNormB0, EvoNormS0, FilterResponseNorm
 
 F64 = torch.float64
@@ -27,6 +29,25 @@ BACKWARDS = {"frn": "FilterResponseNormFn", "frn_learned_eps": "FilterResponseNo
 # (N, C, *) forms: conv maps in both layouts, a 1×1 map, the hidden linear (N, C), (N, C, L)
 INPUTS = [((6, 4, 3, 5), False), ((6, 4, 3, 5), True), ((6, 4, 1, 1), False), ((6, 4), False),
           ((6, 4, 7), False)]
+
+
+@pytest.fixture(params=["whole", "sliced"])
+def slice_counts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Walk the tensors whole, or 4 samples at a time (6 samples: slices of 4 and 2), as the fast
+    path walks large CPU tensors; returns the slice counts of every walk."""
+    counts: list[int] = []
+    if request.param == "sliced":
+        monkeypatch.setattr(passes, "_MIN_SLICES", 1)
+        real = passes.sample_slices
+
+        def spy(t: Tensor, align: int = 1) -> list[slice]:
+            monkeypatch.setattr(passes, "_SLICE_BYTES", 4 * t[0].numel() * t.element_size())
+            slices = real(t, align)
+            counts.append(len(slices))
+            return slices
+
+        monkeypatch.setattr(normfree_fast, "sample_slices", spy)
+    return counts
 
 
 def _pair(name: str, c: int) -> tuple[nn.Module, nn.Module]:
@@ -50,8 +71,8 @@ def _grads(layer: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, tuple[Tensor
 
 @pytest.mark.parametrize(("shape", "channels_last"), INPUTS)
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_fast_path_equals_the_reference(name: str, shape: tuple[int, ...],
-                                        channels_last: bool) -> None:
+def test_fast_path_equals_the_reference(name: str, shape: tuple[int, ...], channels_last: bool,
+                                        slice_counts: list[int]) -> None:
     fast, reference = _pair(name, shape[1])
     for step in range(2):  # B0: the running variance moves between the steps
         x = (torch.randn(shape, dtype=F64) * 2 + 0.5) * (step + 1)
@@ -68,6 +89,9 @@ def test_fast_path_equals_the_reference(name: str, shape: tuple[int, ...],
         assert grads[0].stride() == x.stride()
         for key, value in reference.state_dict().items():
             torch.testing.assert_close(fast.state_dict()[key], value, msg=key)
+    if slice_counts:  # sliced: every walk of the fast path in two slices
+        assert all(count == 2 for count in slice_counts)
+        assert len(slice_counts) >= 4  # forward and backward of both steps
 
 
 def test_b0_evaluation_and_no_grad_use_the_running_variance_on_either_setting() -> None:
