@@ -39,7 +39,7 @@ EvoNorm S0 (``sig = sigmoid(v x)``, ``u = x sig``, ``s = gamma r_g`` with ``r_g 
     d x = du sig + v w + (2 d var_g / M) (x - mu_g)
 
 EvoNorm B0 in training (``b = sqrt(var_B + eps)`` per channel, ``i = sqrt(var_I + eps)`` per
-row, ``d = v x + i - b``, ``den = relu(d) + b`` = max(b, v x + i), ``o = x / den``,
+row, ``d = v x + i - b``, ``den = max(v x + i, b)`` = relu(d) + b, ``o = x / den``,
 ``y = gamma o + beta``)::
 
     p   = gamma g / den             d gamma = sum rowdot(g, o)        d beta = sum g
@@ -193,10 +193,10 @@ class _EvoNormB0TrainFn(Function):
     @staticmethod
     def _den(x: Tensor, v: Tensor, instance_std: Tensor, batch_std: Tensor
              ) -> tuple[Tensor, Tensor]:
-        """``(d, den)`` for a slice: ``d = v x + i - b`` and ``den = relu(d) + b``."""
+        """``(v x + i, den)`` for a slice, ``den = max(v x + i, b)``."""
         ndim = x.dim()
-        pre = torch.mul(x, per_channel(v, ndim)).add_(per_row(instance_std, ndim) - batch_std)
-        return pre, torch.relu(pre).add_(batch_std)
+        right = torch.mul(x, per_channel(v, ndim)).add_(per_row(instance_std, ndim))
+        return right, torch.maximum(right, batch_std)
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, v: Tensor,  # type: ignore[override]
@@ -232,7 +232,8 @@ class _EvoNormB0TrainFn(Function):
         d_x = torch.empty_like(x)
         sums = {k: _per_row_empty(x) for k in ("q", "passed", "g_o", "passed_x", "g")}
         for s in slices:
-            pre, den = _EvoNormB0TrainFn._den(x[s], v, instance_std[s], batch_std)  # recomputed
+            right, den = _EvoNormB0TrainFn._den(x[s], v, instance_std[s], batch_std)  # recomputed
+            pre = right.sub_(batch_std)  # d = v x + i - b: its sign picks the side of the max
             out = x[s] / den
             p = torch.mul(g[s], per_channel(weight, ndim)).div_(den)  # gamma g / den
             minus_q = torch.mul(p, out, out=den)  # -(d den), in den's buffer: sign folded below
