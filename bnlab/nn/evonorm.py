@@ -29,8 +29,9 @@ over the group's :math:`C / G` channels, and only with one channel per group (``
 is it 0, giving :math:`x \sigma(v x) / \sqrt{\epsilon}`: large, but finite. Gradients are
 finite too.
 
-In bnlab's models the slot is followed by the model's ReLU (the slot convention), where the
-paper replaces BN + ReLU by the EvoNorm layer alone.
+In bnlab's models a slot is followed by the model's ReLU (conv → slot → ReLU; in a residual
+block, the sum and then the ReLU), where the paper replaces BN + ReLU by the EvoNorm layer
+alone.
 
 :func:`evonorm_b0` and :func:`evonorm_s0` are the references: plain differentiable tensor ops
 (autograd backward, double backward, ``torch.compile``). Eager calls (B0: in training) take the

@@ -27,11 +27,12 @@ the 1×1 map after the fifth pooling ends up: flattened, it feeds the hidden lin
 last conv stage runs at 2×2). ``(N, C, L)`` and 3-d maps are handled alike (the statistics run
 over every position).
 
-In bnlab's models the slot is followed by the model's ReLU (the slot convention), where the
-paper replaces BN + ReLU by FRN + TLU: there ``relu(max(y, tau)) = max(y, max(tau, 0))``, and
-the ReLU passes no gradient at 0, so τ, which starts at 0, gets none and stays 0: the TLU acts
-as that ReLU. The threshold learns where nothing clips the layer's output (a model that puts
-FRN in place of its norm *and* ReLU, or a user's model through ``replace_batchnorm``).
+In bnlab's models a slot is followed by the model's ReLU (conv → slot → ReLU), where the paper
+replaces BN + ReLU by FRN + TLU: there ``relu(max(y, tau)) = max(y, max(tau, 0))``, and the
+ReLU passes no gradient at 0, so τ, which starts at 0, gets none and stays 0: the TLU acts as
+that ReLU. The threshold learns where something else follows the layer: a residual block's
+last slot and its shortcut's (the sum comes before the ReLU), a model that puts FRN in place of
+its norm *and* ReLU, a user's model through ``replace_batchnorm``.
 
 :func:`filter_response_norm` is the reference: plain differentiable tensor ops (autograd
 backward, double backward, ``torch.compile``). Eager calls take the fast path of
