@@ -56,6 +56,7 @@ from bnlab.nn import normfree_fast
 from bnlab.nn.functional import (
     batch_stats,
     compute_dtype,
+    group_means,
     per_channel,
     per_row,
     row_sums,
@@ -77,15 +78,9 @@ def _instance_variance(x: Tensor) -> Tensor:
 def _group_variance(x: Tensor, groups: int) -> Tensor:
     """The biased variance of each sample's group of ``C / groups`` consecutive channels over
     their positions, repeated for each channel of the group: ``(N, C)``; two-pass."""
-    n, c = x.shape[:2]
-    size = c // groups * math.prod(x.shape[2:])  # values per group
-
-    def group_mean(per_channel_sums: Tensor) -> Tensor:
-        means = per_channel_sums.view(n, groups, c // groups).sum(-1) / size
-        return means.repeat_interleave(c // groups, dim=1)
-
-    mean = per_row(group_mean(row_sums(x)), x.dim())
-    return group_mean(row_sums((x - mean).square()))
+    size = x.shape[1] // groups * math.prod(x.shape[2:])  # values per group
+    mean = per_row(group_means(row_sums(x), groups, size), x.dim())
+    return group_means(row_sums((x - mean).square()), groups, size)
 
 
 def evonorm_b0(input: Tensor, batch_var: Tensor, weight: Tensor, bias: Tensor, v: Tensor,

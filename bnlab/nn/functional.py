@@ -13,7 +13,8 @@ except 1 (:func:`reduce_dims`); :math:`n` is the number of values a statistic av
 * :func:`normalize`: :math:`\hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}`, then the
   per-channel affine :math:`\gamma \hat x + \beta` (:func:`affine`).
 * :func:`row_sums` and :func:`per_row`: sums over each (sample, channel) row's positions, and
-  the ``(N, C)`` result viewed to broadcast back (the per-sample statistics of FRN, EvoNorm).
+  the ``(N, C)`` result viewed to broadcast back; :func:`group_means` pools them over groups
+  of channels (the per-sample statistics of FRN, EvoNorm).
 * :func:`update_running_stats`: the moving average of the mean and of the unbiased variance, in
   place, outside autograd.
 
@@ -33,6 +34,7 @@ __all__ = [
     "affine",
     "batch_stats",
     "compute_dtype",
+    "group_means",
     "normalize",
     "per_channel",
     "per_row",
@@ -65,6 +67,13 @@ def row_sums(x: Tensor) -> Tensor:
     """``(N, C, *)`` summed over the positions ``*`` of each sample and channel: ``(N, C)`` (an
     ``(N, C)`` input is its own sum: one position)."""
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).sum(-1)
+
+
+def group_means(sums: Tensor, groups: int, size: int) -> Tensor:
+    """``(N, C)`` per-row sums -> the mean of each row's group (``groups`` groups of consecutive
+    channels within a sample, ``size`` values each), repeated for each channel: ``(N, C)``."""
+    n, c = sums.shape
+    return (sums.view(n, groups, c // groups).sum(-1) / size).repeat_interleave(c // groups, 1)
 
 
 def per_row(t: Tensor, ndim: int) -> Tensor:

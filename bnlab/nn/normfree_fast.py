@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from bnlab.nn.functional import compute_dtype, per_channel, per_row, row_sums
+from bnlab.nn.functional import compute_dtype, group_means, per_channel, per_row, row_sums
 from bnlab.nn.passes import sample_slices
 
 __all__ = ["evonorm_b0_train", "evonorm_s0", "filter_response_norm"]
@@ -139,21 +139,15 @@ class _FilterResponseNormFn(Function):
 
 class _EvoNormS0Fn(Function):
     @staticmethod
-    def _group_mean(sums: Tensor, groups: int, size: int) -> Tensor:
-        """``(n, C)`` per-row sums -> the mean of each row's group (``size`` values), ``(n, C)``."""
-        n, c = sums.shape
-        return (sums.view(n, groups, -1).sum(-1) / size).repeat_interleave(c // groups, 1)
-
-    @staticmethod
     def forward(ctx: Any, x: Tensor, groups: int, weight: Tensor, bias: Tensor,  # type: ignore[override]
                 v: Tensor, eps: float, reference: Reference) -> Tensor:
         ndim = x.dim()
         size = x.shape[1] // groups * math.prod(x.shape[2:])  # M, values per group
         mean, rstd, y = _per_row_empty(x), _per_row_empty(x), torch.empty_like(x)
         for s in sample_slices(x):
-            mean[s] = _EvoNormS0Fn._group_mean(row_sums(x[s]), groups, size)
+            mean[s] = group_means(row_sums(x[s]), groups, size)
             squares = row_sums((x[s] - per_row(mean[s], ndim)).square())
-            rstd[s] = torch.rsqrt(_EvoNormS0Fn._group_mean(squares, groups, size) + eps)
+            rstd[s] = torch.rsqrt(group_means(squares, groups, size) + eps)
             sig = torch.sigmoid(x[s] * per_channel(v, ndim))
             torch.mul(x[s], sig, out=y[s]).mul_(per_row(rstd[s], ndim) * per_channel(weight, ndim))
             y[s].add_(per_channel(bias, ndim))
@@ -178,7 +172,7 @@ class _EvoNormS0Fn(Function):
             u = x[s] * sig
             dot[s] = _rowdot(g[s], u)  # E
             # k = 2 d var_g / M = -r_g^3 (1/M) sum_group E gamma; d x += k (x - mu_g)
-            k = -rstd[s].pow(3) * _EvoNormS0Fn._group_mean(dot[s] * weight, ctx.groups, ctx.size)
+            k = -rstd[s].pow(3) * group_means(dot[s] * weight, ctx.groups, ctx.size)
             k = per_row(k, ndim)
             du = g[s] * (per_row(rstd[s], ndim) * gamma)
             w = du * u
