@@ -275,19 +275,26 @@ def test_vgg11_last_stage_and_hidden_slots_stay_finite(norm: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 
-def test_in_bnlabs_slots_the_relu_after_frn_keeps_tau_at_zero() -> None:
+def test_where_the_models_relu_follows_frn_tau_stays_at_zero() -> None:
     """The documented consequence of the slot convention (conv → slot → ReLU): the ReLU passes
-    no gradient where the TLU outputs τ = 0, so τ gets none."""
+    no gradient where the TLU outputs τ = 0, so τ gets none; in a residual block's last slot
+    and its shortcut the sum comes first, and τ learns."""
     from bnlab.models import build_model
 
-    torch.manual_seed(0)
-    net = build_model("cnn", norm_factory("frn"), channels=[4, 8], hidden=8)
-    loss = nn.functional.cross_entropy(net(torch.randn(6, 3, 32, 32)), torch.randint(0, 10, (6,)))
-    loss.backward()
-    taus = [m.tau for m in net.modules() if isinstance(m, FilterResponseNorm)]
-    assert len(taus) == 3 and all(torch.equal(t.grad, torch.zeros_like(t)) for t in taus)
-    assert all(m.weight.grad.abs().sum() > 0 for m in net.modules()
-               if isinstance(m, FilterResponseNorm))
+    for model, kwargs in (("cnn", {"channels": [4, 8], "hidden": 8}),
+                          ("resnet20", {"width": 4, "blocks": 1})):
+        torch.manual_seed(0)
+        net = build_model(model, norm_factory("frn"), **kwargs)
+        loss = nn.functional.cross_entropy(net(torch.randn(6, 3, 32, 32)),
+                                           torch.randint(0, 10, (6,)))
+        loss.backward()
+        layers = {n: m for n, m in net.named_modules() if isinstance(m, FilterResponseNorm)}
+        assert all(m.weight.grad.abs().sum() > 0 for m in layers.values())
+        before_sum = {n for n in layers if n.endswith(("norm2", "shortcut.1"))}
+        assert len(layers) == (3 if model == "cnn" else 9) and len(before_sum) == (
+            0 if model == "cnn" else 5)
+        for name, m in layers.items():
+            assert (m.tau.grad.abs().sum() > 0) == (name in before_sum), name
 
 
 # -- modes, state, half precision ------------------------------------------------------------
