@@ -87,7 +87,8 @@ def test_init_schemes():
 
 
 def test_unknown_names_are_usage_errors():
-    with pytest.raises(UsageError, match=r"norm='batch' is unknown; allowed: custom, dbn, ghost"):
+    with pytest.raises(UsageError, match=r"norm='batch' is unknown; allowed: custom, dbn, "
+                                         r"evonorm_b0, evonorm_s0, frn, ghost"):
         norm_factory("batch")
     with pytest.raises(UsageError, match=r"model='vgg19' is unknown"):
         build_model("vgg19", norm_factory("none"))
