@@ -2,11 +2,12 @@
 naming the key, the value and what is allowed, before any run dir is written.
 
 Hydra rejects unknown keys and options; every value is then checked here against a pydantic
-schema: the top-level keys (:class:`TrainConfig`), ``data``, ``eval`` and ``probe`` below, and
-the group options through their registered classes (``bnlab.registry``: ``model``, ``norm``,
+schema: the top-level keys (:class:`TrainConfig`), ``data`` and ``eval`` below, ``probe``
+(:class:`ProbeConfig`, made from the probes' declarations in ``bnlab.probes.config``), and the
+group options through their registered classes (``bnlab.registry``: ``model``, ``norm``,
 ``optim``, ``sched``). Finally the model is built on the meta device (no memory, no compute),
 so a norm that does not fit a model's slots (e.g. ``norm.num_groups`` not dividing a width)
-also fails before training.
+and a ``probe.layers`` entry that names no slot of the model also fail before training.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import Field, model_validator
 
 from bnlab import models, norms, optim  # noqa: F401  (registers the group options)
+from bnlab.models import find_slots
+from bnlab.probes.config import validate_probe_cfg, watched_layers
 from bnlab.registry import Option, Schema, build, check
 
 PositiveInt = Annotated[int, Field(ge=1)]
-Interval = Annotated[int, Field(ge=0, description="steps between measurements; 0: off")]
 
 
 class TrainConfig(Schema):
@@ -88,37 +90,6 @@ class EvalConfig(Schema):
         "layers' statistics before each evaluation (0: off)")
 
 
-class ProbeConfig(Schema):
-    """The ``probe`` group's keys (``configs/probe/default.yaml`` documents each)."""
-
-    enabled: bool
-    batch_size: int = Field(ge=2, description="the fixed probe batch (>= 2)")
-    act_every: Interval
-    hist_every: Interval
-    hist_samples: PositiveInt
-    act_seed: Literal["fixed", "step"]
-    grad_every: Interval
-    ics_every: Interval
-    landscape_every: Interval
-    landscape_range: list[Annotated[float, Field(gt=0)]] = Field(min_length=2, max_length=2)
-    landscape_points: int = Field(ge=2)
-    white_every: Interval = 0
-    bnstats_every: Interval = 0
-    layers: Literal["all"] | list[str]
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ProbeConfig:
-        if self.hist_every and (not self.act_every or self.hist_every % self.act_every):
-            # histograms are drawn from the activation probe's forward pass
-            raise ValueError(f"hist_every={self.hist_every} must be 0 or a multiple of "
-                             f"act_every={self.act_every}")
-        low, high = self.landscape_range
-        if low >= high:
-            raise ValueError(f"landscape_range={[low, high]} must be [low, high] with "
-                             "low < high (multiples of the base learning rate)")
-        return self
-
-
 def validate(cfg: DictConfig) -> None:
     """Raise ``UsageError`` naming the first bad value of ``cfg`` and what is allowed."""
     # (only its own keys: the groups are checked below, and Hydra's node may not resolve yet)
@@ -126,7 +97,8 @@ def validate(cfg: DictConfig) -> None:
     for group in ("data", "model", "norm", "optim", "sched"):
         build(group, cfg[group])
     check(EvalConfig, cfg.eval, "eval")
-    check(ProbeConfig, cfg.probe, "probe")
+    probe = validate_probe_cfg(cfg.probe)
     model, norm = build("model", cfg.model), build("norm", cfg.norm)
     with torch.device("meta"):  # construction errors of the norm in this model's slots
-        model.build(norm)  # type: ignore[attr-defined]
+        built = model.build(norm)  # type: ignore[attr-defined]
+    watched_layers(probe.layers, find_slots(built))  # positions of this model only

@@ -111,14 +111,9 @@ class Trainer:
     def _make_probes(self) -> Probes | None:
         if not self.cfg.probe.enabled:
             return None
-        from bnlab.probes import Probes  # probe code is loaded only when probing
+        from bnlab.probes import Probes, warn_long_intervals
 
-        for key, every in self.cfg.probe.items():
-            if key.endswith("_every") and every > self.total_steps:
-                # (activations are also measured at step 0, the drift reference)
-                what = "measured at step 0 only" if key == "act_every" else "not measured"
-                log.warning("probe.%s=%d is longer than this run (%d steps): %s is %s", key,
-                            every, self.total_steps, key.removesuffix("_every"), what)
+        warn_long_intervals(self.cfg.probe, self.total_steps)
         batch = datasets.probe_batch(self.data, self.cfg.probe.batch_size)
         return Probes(self.cfg.probe, self.model, self.optimizer, F.cross_entropy, batch,
                       find_slots(self.model))

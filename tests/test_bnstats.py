@@ -10,13 +10,22 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
+from bnlab.probes.base import Setup
 from bnlab.probes.bnstats import StatsMismatchProbe, running_stats_layers, stats_mismatch
+from bnlab.probes.config import ProbeConfig
 from bnlab.probes.forward import probe_forward
 from bnlab.probes.readonly import PROBE_SEED
 from tests.test_probes import ALL_OFF, make_probes, sgd, tiny_model
+
+
+def stats_probe(model: nn.Module, x: Tensor) -> StatsMismatchProbe:
+    """The probe alone, with the default config, on a model that may have no norm slots."""
+    return StatsMismatchProbe(ProbeConfig(), Setup(model, torch.optim.SGD(model.parameters()),
+                                                   F.cross_entropy, x, [], []))
 
 
 def with_moments(means: list[float], variances: list[float], n: int = 4) -> Tensor:
@@ -51,9 +60,9 @@ def test_bn_mismatch_equals_the_hand_computed_values(make):
                    "log_var_ratio": pytest.approx((math.log(1.25) + math.log(2)) / 2)}
     # the same numbers from the probe: taken before the train-mode forward moves the buffers
     model = nn.Sequential(nn.Identity(), layer)
-    probe = StatsMismatchProbe(model)
+    probe = stats_probe(model, x)
     probe_forward(model, x, PROBE_SEED, [probe])
-    got = {k: float(v) for k, v in probe.measure().items()}
+    got = {k: float(v) for k, v in probe.measure(0).scalars.items()}
     assert got == {"bnstats/mean_shift/1": pytest.approx(0.75),
                    "bnstats/log_var_ratio/1": pytest.approx((math.log(1.25) + math.log(2)) / 2)}
     assert layer.running_mean.tolist() == [0.0, -1.0]  # read-only
@@ -124,9 +133,10 @@ def test_only_layers_with_running_statistics_are_measured():
                           bnn.GroupNorm(2, 4), nn.Identity(), bnn.BatchNorm2d(4),
                           bnn.DecorrelatedBatchNorm2d(4))
     assert list(running_stats_layers(model)) == ["1", "7", "8"]
-    probe = StatsMismatchProbe(model)
-    probe_forward(model, torch.randn(4, 3, 5, 5), PROBE_SEED, [probe])
-    assert sorted(probe.measure()) == [
+    x = torch.randn(4, 3, 5, 5)
+    probe = stats_probe(model, x)
+    probe_forward(model, x, PROBE_SEED, [probe])
+    assert sorted(probe.measure(0).scalars) == [
         "bnstats/log_var_ratio/1", "bnstats/log_var_ratio/7", "bnstats/mean_shift/1",
         "bnstats/mean_shift/7", "bnstats/mean_shift/8", "bnstats/whitening_dist/8"]
 
@@ -172,9 +182,9 @@ def test_decorrelated_layer_stays_read_only():
     x = torch.randn(4, 3, 6, 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    probe = StatsMismatchProbe(model)
+    probe = stats_probe(model, x)
     probe_forward(model, x, PROBE_SEED, [probe])
-    assert probe.measure()
+    assert probe.measure(0).scalars
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert torch.equal(torch.get_rng_state(), rng)

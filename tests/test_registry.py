@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from bnlab.config import EvalConfig, ProbeConfig, TrainConfig, validate
+from bnlab.config import EvalConfig, TrainConfig, validate
 from bnlab.errors import UsageError
+from bnlab.probes.config import ProbeConfig
 from bnlab.registry import GROUPS, REGISTRY, Schema, option_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

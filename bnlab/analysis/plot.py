@@ -13,13 +13,20 @@ from bnlab.analysis.curvature_figure import curvature_figure, read_curvature
 from bnlab.analysis.events import Events, Snapshot, read_events
 from bnlab.analysis.output import check_writable, figure_bytes, figure_type, write_atomic
 from bnlab.analysis.runs import event_files, is_run_dir, load_run, runs_under
-from bnlab.analysis.training_figure import RunData, plan_rows, training_figure
+from bnlab.analysis.training_figure import (
+    GRAD_TAG,
+    LINE_ROWS,
+    RunData,
+    plan_rows,
+    training_figure,
+)
 from bnlab.errors import UsageError
+from bnlab.probes.base import module_groups
 
 ACT = "act/"
 HIST = "act/hist/"
 # Groups whose tags end in a layer name worth listing in full (what --layer accepts).
-LAYER_GROUPS = ("act", "drift", "ics", "white", "bnstats")
+LAYER_GROUPS = tuple(module_groups())
 
 
 def run_plot(
@@ -58,10 +65,9 @@ def run_plot(
     runs = [RunData(d.run, d.events, choose_snapshots(d, chosen, steps)) for d in runs]
     rows = plan_rows(runs, chosen)
     if not rows:
-        raise UsageError(
-            f"nothing to plot: the runs logged none of {ACT}, grad/global_norm, drift/, ics/, "
-            "white/, bnstats/ (were the probes off?)"
-        )
+        groups = dict.fromkeys(prefix.split("/", 1)[0] + "/" for prefix in LINE_ROWS)
+        raise UsageError(f"nothing to plot: the runs logged none of {ACT}, {GRAD_TAG}, "
+                         f"{', '.join(groups)} (were the probes off?)")
     write_atomic(out, figure_bytes(training_figure(runs, chosen, rows), kind))
     print(f"Wrote figure: {out}", file=sys.stderr)
 

@@ -21,14 +21,16 @@ import numpy as np
 
 from bnlab.analysis.events import Events
 from bnlab.analysis.runs import Run
+from bnlab.probes.base import Column, compare_columns
 
 # Display order of the summary-config keys; others follow in the order the runs name them.
 KEY_ORDER = ("norm", "norm_slots", "norm_rest", "model", "lr", "dropout", "batch_size",
              "optimizer", "momentum", "weight_decay", "sched", "epochs", "data")
-# The per-run numbers that rows aggregate over seeds.
-METRICS = ("final_test_acc", "final_test_acc_precise_bn", "best_test_acc", "gap",
-           "lr_at_divergence", "peak_grad_norm", "drift_w1", "ics_l2", "ics_cos",
-           "white_offdiag", "bnstats_mean_shift")
+# The per-run numbers that rows aggregate over seeds: the run's own (metrics.json), then the
+# probes' columns (from the event files).
+RUN_METRICS = ("final_test_acc", "final_test_acc_precise_bn", "best_test_acc", "gap",
+               "lr_at_divergence")
+METRICS = (*RUN_METRICS, *(column.key for column in compare_columns()))
 
 
 @dataclass(frozen=True)
@@ -92,33 +94,41 @@ class Comparison:
 
 
 def run_numbers(run: Run, events: Events) -> dict[str, float | None]:
-    """The numbers one run contributes to its row; None where not logged.
-
-    Besides accuracies and means over training: ``white_offdiag``, the deepest watched
-    layer's (the last logged: the output of the last watched slot) mean |off-diagonal
-    correlation| at the last probe; ``bnstats_mean_shift``, the mean over norm layers of the
-    last probe's batch-vs-running mean shift; ``final_test_acc_precise_bn`` and
-    ``lr_at_divergence`` as metrics.json has them.
-    """
+    """The numbers one run contributes to its row; None where not logged: accuracies and
+    ``lr_at_divergence`` as metrics.json has them, then each probe's columns (``Column``: e.g.
+    ``white_offdiag``, the deepest watched layer's mean |off-diagonal correlation| at the last
+    probe)."""
     final, train = _number(run.metric("final_test_acc")), _number(run.metric("final_train_acc"))
-    grad = events.scalars.get("grad/global_norm")
-    finite_grad = grad.values[np.isfinite(grad.values)] if grad else np.array([])
-    whiteness = events.tags("white/offdiag_corr/")
-    shifts = [_last(events, tag) for tag in events.tags("bnstats/mean_shift/")]
-    return {
+    numbers = {
         "final_test_acc": final,
         "final_test_acc_precise_bn": _number(run.metric("final_test_acc_precise_bn")),
         "best_test_acc": _number(run.metric("best_test_acc")),
         "gap": train - final if train is not None and final is not None else None,
         "lr_at_divergence": _number(run.metric("lr_at_divergence")),
-        # Non-finite norms mark divergence, which the diverged column already reports.
-        "peak_grad_norm": float(finite_grad.max()) if finite_grad.size else None,
-        "drift_w1": _layer_mean(events, "drift/w1/"),
-        "ics_l2": _layer_mean(events, "ics/l2/"),
-        "ics_cos": _layer_mean(events, "ics/cos/"),
-        "white_offdiag": _last(events, whiteness[-1]) if whiteness else None,
-        "bnstats_mean_shift": _mean_of(shifts),
     }
+    return numbers | {column.key: column_number(events, column) for column in compare_columns()}
+
+
+def column_number(events: Events, column: Column) -> float | None:
+    """A probe column's number of one run: each of its tags reduced over steps, then over
+    modules (the tags in the order the run first logged them, the deepest last)."""
+    if column.tags.endswith("/"):
+        tags = events.tags(column.tags)
+    else:
+        tags = [column.tags] if column.tags in events.scalars else []
+    per_tag = [_over_steps(events.scalars[tag].values, column.steps) for tag in tags]
+    if column.modules == "deepest":
+        return per_tag[-1] if per_tag else None
+    return _mean_of(per_tag)
+
+
+def _over_steps(values: np.ndarray, how: str) -> float | None:
+    if how == "last":  # a diverged run's last probe is NaN: its final state is no number
+        return _number(float(values[-1])) if values.size else None
+    finite = values[np.isfinite(values)]  # non-finite norms mark divergence, reported apart
+    if not finite.size:
+        return None
+    return float(finite.mean() if how == "mean" else finite.max())
 
 
 def compare_runs(runs: list[Run], numbers: dict[Path, dict[str, float | None]]) -> Comparison:
@@ -197,24 +207,6 @@ def _group_stability(rows: list[SettingRow]) -> Stability:
         best_lr=best.lr if best else None,
         best_acc=best.stats["final_test_acc"] if best else None,
     )
-
-
-def _layer_mean(events: Events, prefix: str) -> float | None:
-    """Mean over layers of each layer's mean over steps (finite values only)."""
-    means = []
-    for tag in events.tags(prefix):
-        values = events.scalars[tag].values
-        values = values[np.isfinite(values)]
-        if values.size:
-            means.append(float(values.mean()))
-    return _mean_of(means)
-
-
-def _last(events: Events, tag: str) -> float | None:
-    """The value at the last step of ``tag``; None if it is not finite (a diverged run's last
-    probe is NaN: its final state is no number to average)."""
-    values = events.scalars[tag].values
-    return _number(float(values[-1])) if values.size else None
 
 
 def _mean_of(values: Iterable[float | None]) -> float | None:

@@ -22,25 +22,22 @@ from rich.text import Text
 
 from bnlab.analysis.runs import Run
 from bnlab.analysis.summary import Comparison, SettingRow, Stat, setting_of
+from bnlab.probes.base import compare_columns
 
-# Per metric: column header and whether it is a fraction shown in percent.
+# Per metric: column header and whether it is a fraction shown in percent; the run's own, then
+# the probes' (their declarations, ``bnlab.probes.base.Column``).
 COLUMNS = {
     "final_test_acc": ("final test acc %", True),
     "final_test_acc_precise_bn": ("final test acc % (precise BN)", True),
     "best_test_acc": ("best test acc %", True),
     "gap": ("train-test gap %", True),
     "lr_at_divergence": ("lr at divergence", False),
-    "peak_grad_norm": ("peak grad norm", False),
-    "drift_w1": ("act drift W1", False),
-    "ics_l2": ("ICS l2", False),
-    "ics_cos": ("ICS cos", False),
-    "white_offdiag": ("final off-diag corr (deepest)", False),
-    "bnstats_mean_shift": ("final BN mean shift", False),
+    **{column.key: (column.header, column.percent) for column in compare_columns()},
 }
 # Columns that only some runs can have (newer probes, Precise BN, divergence); the human
 # formats leave them out when no row has a value. CSV and JSON always list every metric.
-OPTIONAL = ("final_test_acc_precise_bn", "lr_at_divergence", "white_offdiag",
-            "bnstats_mean_shift")
+OPTIONAL = ("final_test_acc_precise_bn", "lr_at_divergence",
+            *(column.key for column in compare_columns() if column.optional))
 BLANK = "–"
 FORMATS = ("table", "csv", "markdown", "json")
 STABILITY_NOTE = ("max stable lr: the largest lr at which no seed diverged; best lr: the highest "

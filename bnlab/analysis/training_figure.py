@@ -21,21 +21,13 @@ from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
 
 from bnlab.analysis.events import Events, Series, Snapshot
 from bnlab.analysis.runs import Run
+from bnlab.probes.base import plot_panels
 
-# Line rows: scalar tag prefix (one tag per layer) and the row's y label.
-LINE_ROWS = {
-    "drift/w1/": "activation drift\n(W1 to previous probe)",
-    "ics/l2/": "ICS: grad change\n(ℓ2)",
-    "ics/cos/": "ICS: grad change\n(cosine similarity)",
-    "white/offdiag_corr/": "whiteness: mean\n|off-diag correlation|",
-    "white/erank_frac/": "whiteness: effective\nrank / channels",
-    "white/cond/": "whiteness: condition\nnumber (log)",
-    "bnstats/mean_shift/": "batch vs running stats:\nmean shift (running stds)",
-    "bnstats/log_var_ratio/": "batch vs running stats:\n|log variance ratio|",
-    "bnstats/whitening_dist/": "batch vs running\nwhitening (rel. Frobenius)",
-}
-# Line rows whose values span decades (a singular covariance's condition number is 1e12).
-LOG_ROWS = ("white/cond/",)
+# Line rows, the probes' panels: scalar tag prefix (one tag per layer) and the row's y label;
+# the prefixes of those whose values span decades (a singular covariance's condition number is
+# 1e12) get a log axis.
+LINE_ROWS = {panel.prefix: panel.label for panel in plot_panels()}
+LOG_ROWS = tuple(panel.prefix for panel in plot_panels() if panel.log)
 GRAD_TAG = "grad/global_norm"
 TITLE = ("Activation percentiles 15/50/85 over training (Ioffe & Szegedy 2015, Fig. 1); "
          "gradient norm, activation drift, ICS, whiteness and batch-vs-running statistics")

@@ -1,47 +1,49 @@
 """Observers of a training step. Each returns numbers; none changes the run.
 
+A probe is one module here with a ``base.Probe`` subclass that declares its name, config keys,
+where in the step it runs, its tags and optionally its ``bnlab compare`` columns and ``bnlab
+plot`` panels (``base`` says how). Importing the modules of ``PROBES`` registers them, in the
+order they run at each point of the step and in which their keys, columns and panels are listed.
+
 The training loop builds one ``Probes`` (only when ``probe.enabled``) and calls it at fixed
 points of every step; at a step where nothing is due a call returns empty ``Measurements`` at
-once. Tags follow ``<group>/<measure>/<module path>``; the definitions are in the submodules:
-``activations`` (``act/``, ``drift/``), ``whiteness`` (``white/``), ``bnstats`` (``bnstats/``),
-``gradients`` (``grad/``, ``opt/``), ``ics`` (``ics/``) and ``landscape`` (``landscape/``).
-All probe forwards run in train mode under a seeded RNG (fixed, or for the probe batch's
-forward optionally by step), with the model's buffers, flags and RNG streams restored afterwards
-(``readonly``). The activation, whiteness and statistics-mismatch probes observe one shared
-forward of the fixed probe batch (``forward``), whichever of them are due.
+once. Tags follow ``<group>/<measure>/<module path>``. All probe forwards run in train mode
+under a seeded RNG (fixed, or for the probe batch's forward optionally by step), with the
+model's buffers, flags and RNG streams restored afterwards (``readonly``). The probes of the
+fixed probe batch observe one shared forward of it (``forward``), whichever of them are due.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from bnlab.models import Slot
-from bnlab.probes.activations import ActivationProbe
-from bnlab.probes.bnstats import StatsMismatchProbe
-from bnlab.probes.config import validate_probe_cfg, watched_layers
+from bnlab.probes.base import Measurements, Probe, Setup, TrainingBatch, registered
 from bnlab.probes.forward import probe_forward
-from bnlab.probes.functional import LossFn, loss_and_grads
-from bnlab.probes.gradients import GradientProbe
-from bnlab.probes.ics import gradient_ics
-from bnlab.probes.landscape import loss_landscape, step_sizes
-from bnlab.probes.readonly import PROBE_SEED, read_only
-from bnlab.probes.whiteness import WhitenessProbe
+from bnlab.probes.functional import LossFn
+from bnlab.probes.readonly import PROBE_SEED
 
-__all__ = ["Measurements", "Probes", "validate_probe_cfg"]
+PROBES = ("gradients", "activations", "ics", "landscape", "whiteness", "bnstats")
+for _module in PROBES:  # before anything below can list the probes
+    importlib.import_module(f"{__name__}.{_module}")
+
+# the schema is made of the registered probes' keys
+from bnlab.probes.config import (  # noqa: E402
+    validate_probe_cfg,
+    warn_long_intervals,
+    watched_layers,
+)
+
+__all__ = ["Measurements", "Probes", "validate_probe_cfg", "warn_long_intervals"]
 
 
-@dataclass
-class Measurements:
-    scalars: dict[str, Tensor | float] = field(default_factory=dict)  # tag -> 0-d tensor/float
-    histograms: dict[str, Tensor] = field(default_factory=dict)       # tag -> 1-D values
-
-
-def _due(every: int, step: int) -> bool:
-    return every > 0 and step % every == 0
+def _state_key(probe: Probe) -> str:
+    """A probe's key in the checkpoint: its module's name, as one module is one probe."""
+    return type(probe).__module__.rsplit(".", 1)[-1]
 
 
 class Probes:
@@ -49,98 +51,60 @@ class Probes:
 
     def __init__(self, cfg: DictConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: LossFn, probe_batch: tuple[Tensor, Tensor], slots: list[Slot]) -> None:
-        validate_probe_cfg(cfg, slots)
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        # plain ints: reading a DictConfig costs microseconds, and these are read every step
-        self.act_every, self.hist_every = int(cfg.act_every), int(cfg.hist_every)
-        self.grad_every, self.ics_every = int(cfg.grad_every), int(cfg.ics_every)
-        self.landscape_every = int(cfg.landscape_every)
-        self.white_every, self.bnstats_every = int(cfg.white_every), int(cfg.bnstats_every)
-        self.landscape_range = (float(cfg.landscape_range[0]), float(cfg.landscape_range[1]))
-        self.landscape_points = int(cfg.landscape_points)
-        watched = watched_layers(cfg.layers, slots)
-        self.ics_layers = [s.layer for s in slots if s.layer in watched]
+        config = validate_probe_cfg(cfg, slots)
+        self.model, self.loss_fn = model, loss_fn
         self.inputs = probe_batch[0]
-        self.seed_by_step = cfg.act_seed == "step"
-        self.activations = ActivationProbe(model, watched, int(cfg.hist_samples),
-                                           self.inputs.device)
-        self.whiteness = WhitenessProbe(model, watched)
-        self.bnstats = StatsMismatchProbe(model)
-        self.gradients = GradientProbe(model)
+        self.seed_by_step = config.act_seed == "step"
+        setup = Setup(model, optimizer, loss_fn, self.inputs, list(slots),
+                      watched_layers(config.layers, slots))
+        self.probes = [probe(config, setup) for probe in registered()]
+        self.at = {where: [p for p in self.probes if where in p.runs]
+                   for where in ("after_backward", "probe_batch", "after_step")}
 
     def start(self) -> Measurements:
-        """Step 0, before training: the baseline activations (the drift references), and the
-        whiteness and statistics mismatch of the initial network."""
+        """Step 0, before training: the probe-batch probes of the initial network (the
+        activations' drift references among them)."""
         return self._probe_batch(0)
 
     def after_backward(self, step: int, inputs: Tensor, targets: Tensor) -> Measurements:
-        """After ``loss.backward()``, before ``optimizer.step()`` (``step`` is 1-based):
-        gradient norms, gradient-based ICS and the loss landscape on the training batch."""
+        """After ``loss.backward()``, before ``optimizer.step()`` (``step`` is 1-based): the
+        probes of the training batch that are due."""
         m = Measurements()
-        if _due(self.grad_every, step):
-            m.scalars.update(self.gradients.gradients())
-            self.gradients.keep_weights()
-        ics = _due(self.ics_every, step) and bool(self.ics_layers)
-        landscape = _due(self.landscape_every, step)
-        if ics or landscape:
-            m.scalars.update(self._second_order(inputs, targets, ics, landscape))
+        due = [p for p in self.at["after_backward"] if p.due(step)]
+        if due:
+            with TrainingBatch(self.model, self.loss_fn, inputs, targets) as batch:
+                for probe in due:
+                    m.update(probe.after_backward(step, batch))
         return m
 
     def after_step(self, step: int) -> Measurements:
-        """After ``optimizer.step()`` (``step`` steps done): update ratios, weight norms, and
-        the probes of the fixed probe batch."""
+        """After ``optimizer.step()`` (``step`` steps done): the probes of the fixed probe
+        batch, then those of the step just taken, that are due."""
         m = self._probe_batch(step)
-        m.scalars.update(self.gradients.updates())
+        for probe in self.at["after_step"]:
+            if probe.due(step):
+                m.update(probe.after_step(step))
         return m
 
     def _probe_batch(self, step: int) -> Measurements:
-        """Activations, whiteness and statistics mismatch, those that are due (step 0 is due
-        whenever an interval is > 0), from one forward of the probe batch."""
-        act = _due(self.act_every, step)
-        white = _due(self.white_every, step)
-        bnstats = _due(self.bnstats_every, step) and bool(self.bnstats.layers)
-        observers = [o for o, due in ((self.activations, act), (self.whiteness, white),
-                                      (self.bnstats, bnstats)) if due]
-        if not observers:
-            return Measurements()
-        seed = PROBE_SEED + step if self.seed_by_step else PROBE_SEED
-        probe_forward(self.model, self.inputs, seed, observers)
+        """The probe-batch probes that are due (at step 0 each whose interval is > 0), from one
+        forward of the probe batch."""
         m = Measurements()
-        if act:
-            m.scalars, m.histograms = self.activations.measure(_due(self.hist_every, step))
-        if white:
-            m.scalars.update(self.whiteness.measure())
-        if bnstats:
-            m.scalars.update(self.bnstats.measure())
+        due = [p for p in self.at["probe_batch"] if p.due(step)]
+        if due:
+            seed = PROBE_SEED + step if self.seed_by_step else PROBE_SEED
+            probe_forward(self.model, self.inputs, seed, due)
+            for probe in due:
+                m.update(probe.measure(step))
         return m
 
-    def _second_order(self, inputs: Tensor, targets: Tensor, ics: bool,
-                      landscape: bool) -> dict[str, Tensor]:
-        """ICS and landscape share ∇L at the current weights, computed in the probe's own
-        forward (train mode, fixed seed, no autocast) so G and G′ differ only by the weights."""
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        scalars: dict[str, Tensor] = {}
-        with read_only(self.model):
-            self.model.train()
-            _, grads = loss_and_grads(self.model, self.loss_fn, inputs, targets, params,
-                                      list(params))
-            by_name = dict(zip(params, grads, strict=True))
-            if ics:
-                scalars.update(gradient_ics(self.model, self.optimizer, self.loss_fn, inputs,
-                                            targets, self.ics_layers, by_name))
-            if landscape:
-                # The base lr, not the scheduled one: step sizes stay the same all run, so the
-                # landscape curve compares like with like (and does not collapse to η = 0 as a
-                # cosine schedule ends).
-                base_lr = float(self.optimizer.defaults["lr"])
-                etas = step_sizes(base_lr, *self.landscape_range, self.landscape_points)
-                scalars.update(loss_landscape(self.model, self.loss_fn, inputs, targets,
-                                              by_name, etas))
-        return scalars
-
     def state_dict(self) -> dict:
-        """The drift references (first and previous probe statistics), as tensors."""
-        return {"activations": self.activations.state_dict()}
+        """What the probes need to continue after a resume (the activations' drift references:
+        first and previous probe statistics), as tensors."""
+        return {_state_key(p): state for p in self.probes
+                if (state := p.state_dict()) is not None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.activations.load_state_dict(state["activations"])
+        for probe in self.probes:
+            if _state_key(probe) in state:
+                probe.load_state_dict(state[_state_key(probe)])

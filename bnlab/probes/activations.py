@@ -31,14 +31,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Self
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from bnlab.nn.functional import batch_stats
+from bnlab.probes.base import Column, Interval, Measurements, Panel, Probe, Setup, every
 from bnlab.probes.readonly import PROBE_SEED
+from bnlab.registry import Schema
 
 QUANTILES = (0.15, 0.5, 0.85)
 
@@ -132,15 +136,52 @@ def wasserstein1(sample: Tensor, ref_sorted: Tensor, ref_std: Tensor) -> Tensor:
     return (sample.sort().values - ref_sorted).abs().mean() / ref_std
 
 
-class ActivationProbe:
-    """Records the watched activations in the probe forward (an ``Observer``); keeps the first
-    and the previous probe's statistics as drift references (these survive a checkpoint via
-    ``state_dict``)."""
+class ActivationProbe(Probe):
+    """Records the watched activations in the probe forward; keeps the first and the previous
+    probe's statistics as drift references (these survive a checkpoint via ``state_dict``)."""
 
-    def __init__(self, model: nn.Module, layers: list[str], samples: int,
-                 device: torch.device) -> None:
-        self.samples, self.device = samples, device
-        self.modules = {name: model.get_submodule(name) for name in layers}
+    name = "act"
+    runs = ("probe_batch",)
+
+    class Keys(Schema):
+        act_every: Interval = every(100, "percentiles, mean, std and drift of each watched "
+                                    "activation")
+        hist_every: Interval = every(500, "activation histograms (0 or a multiple of "
+                                     "act_every)")
+        hist_samples: int = Field(8192, ge=1, description="values per histogram and per W1 "
+                                  "sample, at a fixed index set: >= 1")
+
+        @model_validator(mode="after")
+        def _histograms_of_the_activation_forward(self) -> Self:
+            if self.hist_every and (not self.act_every or self.hist_every % self.act_every):
+                raise ValueError(f"hist_every={self.hist_every} must be 0 or a multiple of "
+                                 f"act_every={self.act_every}")
+            return self
+
+    tags = {  # noqa: RUF012 - declarations, never mutated
+        "act/p15/<layer>": "15th percentile of the activation's values on the probe batch",
+        "act/p50/<layer>": "median of the activation's values",
+        "act/p85/<layer>": "85th percentile of the activation's values",
+        "act/mean/<layer>": "mean of the activation's values",
+        "act/std/<layer>": "population std of the activation's values",
+        "act/hist/<layer>": "histogram of hist_samples values at a fixed index set (every "
+                            "hist_every steps)",
+        "drift/mean_shift/<layer>": "mean over channels of |μ_c − μ′_c| / σ′_c, against the "
+                                    "previous probe",
+        "drift/std_ratio/<layer>": "mean over channels of σ_c / σ′_c, against the previous probe",
+        "drift/mean_shift_init/<layer>": "as drift/mean_shift, against step 0",
+        "drift/std_ratio_init/<layer>": "as drift/std_ratio, against step 0",
+        "drift/w1/<layer>": "1-D Wasserstein distance to the previous probe's values, over "
+                            "their std",
+    }
+    columns = (Column("drift_w1", "act drift W1", "drift/w1/", steps="mean"),)
+    panels = (Panel("drift/w1/", "activation drift\n(W1 to previous probe)"),)
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        super().__init__(cfg, setup)
+        self.hist_every, self.samples = cfg.hist_every, cfg.hist_samples
+        self.device = setup.probe_inputs.device
+        self.modules = {name: setup.model.get_submodule(name) for name in setup.watched}
         self.index: dict[str, Tensor | None] = {}
         self.init: dict[str, dict[str, Tensor]] = {}
         self.prev: dict[str, dict[str, Tensor]] = {}
@@ -167,10 +208,11 @@ class ActivationProbe:
 
         return [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
 
-    def measure(self, histograms: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Scalars (percentiles, mean, std, drift) and, if asked, histogram samples, of the
-        forward just observed."""
-        scalars: dict[str, Tensor] = {}
+    def measure(self, step: int) -> Measurements:
+        """Scalars (percentiles, mean, std, drift) and, every ``hist_every`` steps, histogram
+        samples, of the forward just observed."""
+        histograms = self.hist_every > 0 and step % self.hist_every == 0
+        scalars: dict[str, Tensor | float] = {}
         hists: dict[str, Tensor] = {}
         captured, self.captured = self.captured, {}
         for name, s in captured.items():
@@ -185,7 +227,7 @@ class ActivationProbe:
             ref = {"mean": s.chan_mean, "std": s.chan_std}
             self.prev[name] = {**ref, "sorted": s.sample.sort().values, "overall_std": s.std}
             self.init.setdefault(name, ref)
-        return scalars, hists
+        return Measurements(scalars, hists)
 
     def _drift(self, name: str, s: LayerStats) -> dict[str, Tensor]:
         prev, init = self.prev[name], self.init[name]

@@ -40,12 +40,15 @@ A layer without a mean statistic (it subtracts none: EvoNorm B0) has no ``mean_s
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from bnlab.nn.stats import batch_statistics_layers, statistics_of
+from bnlab.probes.base import Column, Interval, Measurements, Panel, Probe, Setup, every
+from bnlab.registry import Schema
 
 
 def has_running_stats(module: nn.Module) -> bool:
@@ -85,13 +88,39 @@ def stats_mismatch(layer: nn.Module, x: Tensor) -> dict[str, Tensor]:
     return measures
 
 
-class StatsMismatchProbe:
+class StatsMismatchProbe(Probe):
     """Records the ``bnstats/`` measures of every layer with running statistics in the probe
-    forward (an ``Observer``)."""
+    forward."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = running_stats_layers(model)
+    name = "bnstats"
+    runs = ("probe_batch",)
+
+    class Keys(Schema):
+        bnstats_every: Interval = every(500, "mismatch of each norm layer's batch vs running "
+                                        "statistics")
+
+    tags = {  # noqa: RUF012 - declarations, never mutated
+        "bnstats/mean_shift/<norm>": "mean_c |μ_B − μ_run| / √(σ²_run + eps): the probe batch's "
+                                     "mean (train mode) against the running mean, per norm "
+                                     "layer with running statistics",
+        "bnstats/log_var_ratio/<norm>": "mean_c |log((σ²_B + eps) / (σ²_run + eps))|",
+        "bnstats/whitening_dist/<norm>": "decorrelated BN, instead of the variance ratio: "
+                                         "‖W_B − W_run‖_F / ‖W_run‖_F",
+    }
+    columns = (Column("bnstats_mean_shift", "final BN mean shift", "bnstats/mean_shift/",
+                      steps="last", optional=True),)
+    panels = (Panel("bnstats/mean_shift/", "batch vs running stats:\nmean shift (running stds)"),
+              Panel("bnstats/log_var_ratio/", "batch vs running stats:\n|log variance ratio|"),
+              Panel("bnstats/whitening_dist/",
+                    "batch vs running\nwhitening (rel. Frobenius)"))
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        super().__init__(cfg, setup)
+        self.layers = running_stats_layers(setup.model)
         self.captured: dict[str, Tensor] = {}
+
+    def due(self, step: int) -> bool:
+        return bool(self.layers) and super().due(step)
 
     def attach(self) -> list[RemovableHandle]:
         def hook_for(name: str) -> Callable[[nn.Module, tuple], None]:
@@ -103,6 +132,6 @@ class StatsMismatchProbe:
 
         return [m.register_forward_pre_hook(hook_for(n)) for n, m in self.layers.items()]
 
-    def measure(self) -> dict[str, Tensor]:
+    def measure(self, step: int) -> Measurements:
         captured, self.captured = self.captured, {}
-        return captured
+        return Measurements(captured)

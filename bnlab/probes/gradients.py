@@ -12,8 +12,13 @@ so there are a handful of kernels and no host sync; the tags are 0-d views into 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from bnlab.probes.base import Column, Interval, Measurements, Probe, Setup, TrainingBatch, every
+from bnlab.registry import Schema
 
 
 def _stacked_norms(tensors: list[Tensor]) -> Tensor:
@@ -30,12 +35,40 @@ def _nonfinite_fraction(grads: list[Tensor], global_norm: Tensor) -> Tensor:
     return (flat.numel() - flat.isfinite().sum()) / flat.numel()
 
 
-class GradientProbe:
-    def __init__(self, model: nn.Module) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+class GradientProbe(Probe):
+    """Gradient norms on the step's ``.grad`` after backward; weight norms and update ratios of
+    the step after it (the weights are copied before the step only at steps that measure)."""
+
+    name = "grad"
+    runs = ("after_backward", "after_step")
+
+    class Keys(Schema):
+        grad_every: Interval = every(1, "gradient norms, non-finite fraction, weight norms, "
+                                     "update ratios")
+
+    tags = {  # noqa: RUF012 - declarations, never mutated
+        "grad/norm/<param>": "‖∇L‖₂ of each parameter tensor, as the optimizer sees it",
+        "grad/global_norm": "‖∇L‖₂ over all parameters",
+        "grad/nonfinite": "fraction of gradient values that are NaN or ±inf",
+        "opt/weight_norm/<param>": "‖w‖₂ after the step",
+        "opt/update_ratio/<param>": "‖Δw‖ / ‖w before the step‖, the relative step size",
+    }
+    columns = (Column("peak_grad_norm", "peak grad norm", "grad/global_norm", steps="max"),)
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        super().__init__(cfg, setup)
+        named = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self._before: list[Tensor] | None = None
+
+    def after_backward(self, step: int, batch: TrainingBatch) -> Measurements:
+        scalars = self.gradients()
+        self.keep_weights()
+        return Measurements(scalars)
+
+    def after_step(self, step: int) -> Measurements:
+        return Measurements(self.updates())
 
     @torch.no_grad()
     def gradients(self) -> dict[str, Tensor]:

@@ -15,11 +15,23 @@ block the shortcut's parameters come after the main branch's, so they count as l
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from bnlab.probes.base import (
+    Column,
+    Interval,
+    Measurements,
+    Panel,
+    Probe,
+    Setup,
+    TrainingBatch,
+    every,
+)
 from bnlab.probes.functional import LossFn, loss_and_grads
+from bnlab.registry import Schema
 
 
 @torch.no_grad()
@@ -67,3 +79,35 @@ def gradient_ics(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Lo
         scalars[f"ics/l2/{layer}"] = torch.linalg.vector_norm(g - g_shifted)
         scalars[f"ics/cos/{layer}"] = _cosine(g, g_shifted)
     return scalars
+
+
+class ICSProbe(Probe):
+    """``ics/`` at the watched slot inputs, on the step's training batch."""
+
+    name = "ics"
+    runs = ("after_backward",)
+
+    class Keys(Schema):
+        ics_every: Interval = every(0, "gradient-based ICS (Santurkar et al. 2018, Def. 2.1)")
+
+    tags = {  # noqa: RUF012 - declarations, never mutated
+        "ics/l2/<layer>": "‖G − G′‖, G′ the gradient of the slot's weight after the earlier "
+                          "layers' optimizer step (Santurkar et al. Def. 2.1)",
+        "ics/cos/<layer>": "cos(G, G′)",
+    }
+    columns = (Column("ics_l2", "ICS l2", "ics/l2/", steps="mean"),
+               Column("ics_cos", "ICS cos", "ics/cos/", steps="mean"))
+    panels = (Panel("ics/l2/", "ICS: grad change\n(ℓ2)"),
+              Panel("ics/cos/", "ICS: grad change\n(cosine similarity)"))
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        super().__init__(cfg, setup)
+        self.model, self.optimizer, self.loss_fn = setup.model, setup.optimizer, setup.loss_fn
+        self.layers = [s.layer for s in setup.slots if s.layer in setup.watched]
+
+    def due(self, step: int) -> bool:
+        return bool(self.layers) and super().due(step)
+
+    def after_backward(self, step: int, batch: TrainingBatch) -> Measurements:
+        return Measurements(gradient_ics(self.model, self.optimizer, self.loss_fn, batch.inputs,
+                                         batch.targets, self.layers, batch.grads))

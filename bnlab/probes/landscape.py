@@ -13,10 +13,15 @@ in ``landscape_range`` × the base learning rate ``optim.lr`` (η = 0 not includ
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Self
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from bnlab.probes.base import Interval, Measurements, Probe, Setup, TrainingBatch, every
 from bnlab.probes.functional import LossFn, loss_and_grads
+from bnlab.registry import Schema
 
 
 def step_sizes(lr: float, low: float, high: float, points: int) -> list[float]:
@@ -44,3 +49,51 @@ def loss_landscape(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: T
     return {"landscape/loss_range": loss_t.max() - loss_t.min(),
             "landscape/grad_pred": diff_t.max() - diff_t.min(),
             "landscape/beta": (diff_t / step).max()}
+
+
+class LandscapeProbe(Probe):
+    """``landscape/`` on the step's training batch."""
+
+    name = "landscape"
+    runs = ("after_backward",)
+
+    class Keys(Schema):
+        landscape_every: Interval = every(0, "loss landscape along the gradient (Santurkar et "
+                                          "al. 2018, Sec. 3.1)")
+        landscape_range: list[Annotated[float, Field(gt=0)]] = Field(
+            [0.5, 4.0], min_length=2, max_length=2,
+            description="step sizes η, in multiples of the base learning rate optim.lr: "
+            "[low, high], 0 < low < high")
+        landscape_points: int = Field(8, ge=2, description="η values evenly spaced in "
+                                      "landscape_range: >= 2")
+
+        @model_validator(mode="after")
+        def _range_low_high(self) -> Self:
+            low, high = self.landscape_range
+            if low >= high:
+                raise ValueError(f"landscape_range={[low, high]} must be [low, high] with "
+                                 "low < high (multiples of the base learning rate)")
+            return self
+
+    tags = {  # noqa: RUF012 - declarations, never mutated
+        "landscape/loss_range": "max − min over η of L(w − ηg): loss variation (Santurkar et "
+                                "al. Sec. 3.1)",
+        "landscape/grad_pred": "max − min over η of ‖∇L(w) − ∇L(w − ηg)‖: gradient "
+                               "predictiveness",
+        "landscape/beta": "max over η of ‖∇L(w) − ∇L(w − ηg)‖ / ‖ηg‖: effective β-smoothness",
+    }
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        super().__init__(cfg, setup)
+        self.model, self.optimizer, self.loss_fn = setup.model, setup.optimizer, setup.loss_fn
+        self.range = (float(cfg.landscape_range[0]), float(cfg.landscape_range[1]))
+        self.points = cfg.landscape_points
+
+    def after_backward(self, step: int, batch: TrainingBatch) -> Measurements:
+        # The base lr, not the scheduled one: step sizes stay the same all run, so the
+        # landscape curve compares like with like (and does not collapse to η = 0 as a
+        # cosine schedule ends).
+        base_lr = float(self.optimizer.defaults["lr"])
+        etas = step_sizes(base_lr, *self.range, self.points)
+        return Measurements(loss_landscape(self.model, self.loss_fn, batch.inputs, batch.targets,
+                                           batch.grads, etas))

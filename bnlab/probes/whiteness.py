@@ -35,10 +35,14 @@ constant (Σ = 0).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from bnlab.probes.base import Column, Interval, Measurements, Panel, Probe, Setup, every
+from bnlab.registry import Schema
 
 COND_CEILING = 1e12  # the condition number reported for a singular covariance
 
@@ -80,12 +84,34 @@ def whiteness(cov: Tensor) -> dict[str, Tensor]:
     return {k: torch.where(finite, v, nan) for k, v in measures.items()}
 
 
-class WhitenessProbe:
-    """Records the channel covariance of each watched layer in the probe forward (an
-    ``Observer``); ``measure`` turns them into the ``white/`` scalars."""
+class WhitenessProbe(Probe):
+    """Records the channel covariance of each watched layer in the probe forward; ``measure``
+    turns them into the ``white/`` scalars."""
 
-    def __init__(self, model: nn.Module, layers: list[str]) -> None:
-        self.modules = {name: model.get_submodule(name) for name in layers}
+    name = "white"
+    runs = ("probe_batch",)
+
+    class Keys(Schema):
+        white_every: Interval = every(500, "whiteness: off-diagonal correlation, condition "
+                                      "number, effective rank of each watched activation's "
+                                      "channel covariance")
+
+    tags = {  # noqa: RUF012 - declarations, never mutated
+        "white/offdiag_corr/<layer>": "mean |correlation| between channels (constant channels "
+                                      "left out)",
+        "white/cond/<layer>": "λ_max/λ_min of the channel covariance; a singular one reads 1e12",
+        "white/erank/<layer>": "effective rank of the channel covariance (Roy & Vetterli 2007)",
+        "white/erank_frac/<layer>": "effective rank over the number of channels",
+    }
+    columns = (Column("white_offdiag", "final off-diag corr (deepest)", "white/offdiag_corr/",
+                      steps="last", modules="deepest", optional=True),)
+    panels = (Panel("white/offdiag_corr/", "whiteness: mean\n|off-diag correlation|"),
+              Panel("white/erank_frac/", "whiteness: effective\nrank / channels"),
+              Panel("white/cond/", "whiteness: condition\nnumber (log)", log=True))
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        super().__init__(cfg, setup)
+        self.modules = {name: setup.model.get_submodule(name) for name in setup.watched}
         self.captured: dict[str, Tensor] = {}
 
     def attach(self) -> list[RemovableHandle]:
@@ -97,7 +123,7 @@ class WhitenessProbe:
 
         return [m.register_forward_hook(hook_for(n)) for n, m in self.modules.items()]
 
-    def measure(self) -> dict[str, Tensor]:
+    def measure(self, step: int) -> Measurements:
         captured, self.captured = self.captured, {}
-        return {f"white/{measure}/{name}": value for name, cov in captured.items()
-                for measure, value in whiteness(cov).items()}
+        return Measurements({f"white/{measure}/{name}": value for name, cov in captured.items()
+                             for measure, value in whiteness(cov).items()})
