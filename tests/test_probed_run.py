@@ -74,3 +74,16 @@ def test_probe_tags_and_steps_read_back_from_the_event_files(tmp_path, cifar_roo
     acc.Reload()
     assert "act/hist/features.1" in acc.Tags()["histograms"]
     assert [e.step for e in acc.Histograms("act/hist/features.1")] == [0, 10, 20]
+
+
+@pytest.mark.slow
+def test_an_unknown_probe_layer_is_refused_before_the_run_dir_is_made(tmp_path, cifar_root):
+    run_dir = tmp_path / "run"
+    r = bnlab("train", *tiny(cifar_root, "probe.layers=[no.such.layer]",
+                             f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("error: probe.layers: 'no.such.layer' is not a watched position; "
+                        "allowed: all, features.0, features.1, features.4, features.5, "
+                        "classifier.0, classifier.1\n")
+    assert not r.stdout  # no probe warnings: nothing was built
+    assert not run_dir.exists() and not list(tmp_path.rglob("train.log"))

@@ -102,7 +102,8 @@ class StatsMismatchProbe(Probe):
     tags = {  # noqa: RUF012 - declarations, never mutated
         "bnstats/mean_shift/<norm>": "mean_c |μ_B − μ_run| / √(σ²_run + eps): the probe batch's "
                                      "mean (train mode) against the running mean, per norm "
-                                     "layer with running statistics",
+                                     "layer with running statistics (a layer without a mean, "
+                                     "such as EvoNorm B0, has none)",
         "bnstats/log_var_ratio/<norm>": "mean_c |log((σ²_B + eps) / (σ²_run + eps))|",
         "bnstats/whitening_dist/<norm>": "decorrelated BN, instead of the variance ratio: "
                                          "‖W_B − W_run‖_F / ‖W_run‖_F",
