@@ -21,14 +21,15 @@ from torch import nn
 from bnlab.errors import UsageError
 from bnlab.models import build_model, find_slots, norm_factory
 from bnlab.probes import Measurements, Probes, validate_probe_cfg
+from bnlab.probes.config import ProbeConfig
 from bnlab.tracking import Tracker
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-ALL_ON = {"act_every": 1, "hist_every": 1, "grad_every": 1, "ics_every": 1,
-          "landscape_every": 1, "white_every": 1, "bnstats_every": 1, "landscape_points": 3,
-          "hist_samples": 64, "batch_size": 8}
-ALL_OFF = {"act_every": 0, "hist_every": 0, "grad_every": 0, "ics_every": 0,
-           "landscape_every": 0, "white_every": 0, "bnstats_every": 0}
+# Every probe's intervals (a new probe's too): all at 1, or all off.
+INTERVALS = [key for key in ProbeConfig.model_fields if key.endswith("_every")]
+ALL_ON = {**dict.fromkeys(INTERVALS, 1), "landscape_points": 3, "hist_samples": 64,
+          "batch_size": 8}
+ALL_OFF = dict.fromkeys(INTERVALS, 0)
 
 
 READ_ONLY_CASES = [("torch", "sgd", "fixed"), ("none", "sgd", "fixed"),

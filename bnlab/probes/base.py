@@ -221,5 +221,5 @@ def every(default: int, what: str) -> Any:
 
 
 def interval_keys(probe: type[Probe]) -> list[str]:
-    return [key for key, f in probe.Keys.model_fields.items() if key.endswith("_every")]
+    return [key for key in probe.Keys.model_fields if key.endswith("_every")]
 
