@@ -105,7 +105,7 @@ def test_compare_columns_and_plot_rows_are_the_declared_ones_in_the_old_formats(
         ("ics_l2", ("ICS l2", False)), ("ics_cos", ("ICS cos", False)),
         ("white_offdiag", ("final off-diag corr (deepest)", False)),
         ("bnstats_mean_shift", ("final BN mean shift", False))]
-    assert summary.METRICS == tuple(tables.COLUMNS)
+    assert tuple(tables.COLUMNS) == summary.METRICS
     assert tables.OPTIONAL[:4] == ("final_test_acc_precise_bn", "lr_at_divergence",
                                    "white_offdiag", "bnstats_mean_shift")
     assert list(training_figure.LINE_ROWS)[:9] == [

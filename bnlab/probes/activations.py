@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ class ActivationProbe(Probe):
                                  f"act_every={self.act_every}")
             return self
 
-    tags = {  # noqa: RUF012 - declarations, never mutated
+    tags: ClassVar[dict[str, str]] = {
         "act/p15/<layer>": "15th percentile of the activation's values on the probe batch",
         "act/p50/<layer>": "median of the activation's values",
         "act/p85/<layer>": "85th percentile of the activation's values",

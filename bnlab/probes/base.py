@@ -47,10 +47,9 @@ Where = Literal["after_backward", "probe_batch", "after_step"]
 METHODS: dict[str, tuple[str, ...]] = {"after_backward": ("after_backward",),
                                        "probe_batch": ("attach", "measure"),
                                        "after_step": ("after_step",)}
-# Placeholders in tag patterns: a watched module path, a norm layer's path, any module's path,
-# a parameter's name.
+# Placeholders in tag patterns that stand for a module path: a watched position, a norm layer,
+# any module (``<param>`` stands for a parameter's name).
 MODULE_PLACEHOLDERS = ("<layer>", "<norm>", "<module>")
-PARAM_PLACEHOLDER = "<param>"
 
 Interval = Annotated[int, Field(ge=0, description="steps between measurements; 0: off")]
 REGISTRY: dict[str, type[Probe]] = {}

@@ -40,7 +40,7 @@ A layer without a mean statistic (it subtracts none: EvoNorm B0) has no ``mean_s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +99,7 @@ class StatsMismatchProbe(Probe):
         bnstats_every: Interval = every(500, "mismatch of each norm layer's batch vs running "
                                         "statistics")
 
-    tags = {  # noqa: RUF012 - declarations, never mutated
+    tags: ClassVar[dict[str, str]] = {
         "bnstats/mean_shift/<norm>": "mean_c |μ_B − μ_run| / √(σ²_run + eps): the probe batch's "
                                      "mean (train mode) against the running mean, per norm "
                                      "layer with running statistics (a layer without a mean, "

@@ -12,7 +12,7 @@ so there are a handful of kernels and no host sync; the tags are 0-d views into 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ class GradientProbe(Probe):
         grad_every: Interval = every(1, "gradient norms, non-finite fraction, weight norms, "
                                      "update ratios")
 
-    tags = {  # noqa: RUF012 - declarations, never mutated
+    tags: ClassVar[dict[str, str]] = {
         "grad/norm/<param>": "‖∇L‖₂ of each parameter tensor, as the optimizer sees it",
         "grad/global_norm": "‖∇L‖₂ over all parameters",
         "grad/nonfinite": "fraction of gradient values that are NaN or ±inf",

@@ -15,7 +15,7 @@ block the shortcut's parameters come after the main branch's, so they count as l
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,7 @@ class ICSProbe(Probe):
     class Keys(Schema):
         ics_every: Interval = every(0, "gradient-based ICS (Santurkar et al. 2018, Def. 2.1)")
 
-    tags = {  # noqa: RUF012 - declarations, never mutated
+    tags: ClassVar[dict[str, str]] = {
         "ics/l2/<layer>": "‖G − G′‖, G′ the gradient of the slot's weight after the earlier "
                           "layers' optimizer step (Santurkar et al. Def. 2.1)",
         "ics/cos/<layer>": "cos(G, G′)",

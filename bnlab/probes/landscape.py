@@ -13,7 +13,7 @@ in ``landscape_range`` × the base learning rate ``optim.lr`` (η = 0 not includ
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, ClassVar, Self
 
 import torch
 from pydantic import Field, model_validator
@@ -75,7 +75,7 @@ class LandscapeProbe(Probe):
                                  "low < high (multiples of the base learning rate)")
             return self
 
-    tags = {  # noqa: RUF012 - declarations, never mutated
+    tags: ClassVar[dict[str, str]] = {
         "landscape/loss_range": "max − min over η of L(w − ηg): loss variation (Santurkar et "
                                 "al. Sec. 3.1)",
         "landscape/grad_pred": "max − min over η of ‖∇L(w) − ∇L(w − ηg)‖: gradient "

@@ -35,7 +35,7 @@ constant (Σ = 0).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +96,7 @@ class WhitenessProbe(Probe):
                                       "number, effective rank of each watched activation's "
                                       "channel covariance")
 
-    tags = {  # noqa: RUF012 - declarations, never mutated
+    tags: ClassVar[dict[str, str]] = {
         "white/offdiag_corr/<layer>": "mean |correlation| between channels (constant channels "
                                       "left out)",
         "white/cond/<layer>": "λ_max/λ_min of the channel covariance; a singular one reads 1e12",
