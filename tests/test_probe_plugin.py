@@ -8,6 +8,7 @@ declarations.
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 import sys
@@ -17,7 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from bnlab.analysis import plot, summary, tables, training_figure
-from bnlab.probes.base import Measurements, Probe, registered
+from bnlab.probes.base import PROBES, Measurements, Probe, registered
 from bnlab.probes.config import ProbeConfig, SharedKeys, default_yaml, warn_long_intervals
 from bnlab.registry import Schema
 from tests.test_probes import make_probes, sgd, tags, tiny_model, train
@@ -31,6 +32,11 @@ def test_the_probes_and_their_order():
     # the order of compare columns and plot rows, and of the measurements within a step
     assert [p.name for p in registered()] == ["grad", "act", "ics", "landscape", "white",
                                               "bnstats"]
+    # a module with a probe that PROBES does not list would never run
+    with_probe = {path.stem for path in (ROOT / "bnlab" / "probes").glob("*.py")
+                  if any(isinstance(node, ast.ClassDef) and "Probe" in map(ast.unparse, node.bases)
+                         for node in ast.walk(ast.parse(path.read_text())))}
+    assert with_probe == set(PROBES)
 
 
 def test_the_schema_is_the_shared_keys_and_every_probes_keys():

@@ -2,8 +2,8 @@
 
 A probe is one module here with a ``base.Probe`` subclass that declares its name, config keys,
 where in the step it runs, its tags and optionally its ``bnlab compare`` columns and ``bnlab
-plot`` panels (``base`` says how). Importing the modules of ``PROBES`` registers them, in the
-order they run at each point of the step and in which their keys, columns and panels are listed.
+plot`` panels (``base`` says how); ``base.PROBES`` lists the modules, in the order the probes
+run at each point of the step and in which their keys, columns and panels are listed.
 
 The training loop builds one ``Probes`` (only when ``probe.enabled``) and calls it at fixed
 points of every step; at a step where nothing is due a call returns empty ``Measurements`` at
@@ -15,28 +15,16 @@ fixed probe batch observe one shared forward of it (``forward``), whichever of t
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from bnlab.models import Slot
 from bnlab.probes.base import Measurements, Probe, Setup, TrainingBatch, registered
+from bnlab.probes.config import validate_probe_cfg, warn_long_intervals, watched_layers
 from bnlab.probes.forward import probe_forward
 from bnlab.probes.functional import LossFn
 from bnlab.probes.readonly import PROBE_SEED
-
-PROBES = ("gradients", "activations", "ics", "landscape", "whiteness", "bnstats")
-for _module in PROBES:  # before anything below can list the probes
-    importlib.import_module(f"{__name__}.{_module}")
-
-# the schema is made of the registered probes' keys
-from bnlab.probes.config import (  # noqa: E402
-    validate_probe_cfg,
-    warn_long_intervals,
-    watched_layers,
-)
 
 __all__ = ["Measurements", "Probes", "validate_probe_cfg", "warn_long_intervals"]
 

@@ -14,15 +14,16 @@ from the declaration:
 - ``columns`` and ``panels``, optionally: its numbers in ``bnlab compare`` and its rows in
   ``bnlab plot``.
 
-Subclasses register themselves in ``REGISTRY`` when their module is imported
-(``bnlab/probes/__init__.py`` imports them all, in the order they run) and ``Probes`` loops over
-them. A probe measures only at steps where ``due(step)``: its interval divides the step.
+Subclasses register themselves in ``REGISTRY`` when their module is imported; ``PROBES`` lists
+the modules, so ``registered()`` finds every probe, in order, and ``Probes`` loops over them. A
+probe measures only at steps where ``due(step)``: its interval divides the step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -52,6 +53,9 @@ METHODS: dict[str, tuple[str, ...]] = {"after_backward": ("after_backward",),
 MODULE_PLACEHOLDERS = ("<layer>", "<norm>", "<module>")
 
 Interval = Annotated[int, Field(ge=0, description="steps between measurements; 0: off")]
+# The probes' modules in ``bnlab/probes/``, in the order the probes run at each point of a step
+# and in which their keys, columns and panels are listed.
+PROBES = ("gradients", "activations", "ics", "landscape", "whiteness", "bnstats")
 REGISTRY: dict[str, type[Probe]] = {}
 
 
@@ -196,8 +200,10 @@ class Probe:
 
 
 def registered() -> list[type[Probe]]:
-    """Every probe, in the order they run (importing ``bnlab.probes`` registers them all)."""
-    return list(REGISTRY.values())
+    """Every probe of ``PROBES``, in that order (importing a module registers its probe)."""
+    modules = [importlib.import_module(f"{__package__}.{name}").__name__ for name in PROBES]
+    return [probe for module in modules for probe in REGISTRY.values()
+            if probe.__module__ == module]
 
 
 def compare_columns() -> list[Column]:
