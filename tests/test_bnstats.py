@@ -80,9 +80,9 @@ def test_evonorm_b0_mismatch_is_the_variance_ratio_alone():
         "log_var_ratio": expected}
     model = nn.Sequential(nn.Identity(), layer)
     assert list(running_stats_layers(model)) == ["1"]
-    probe = StatsMismatchProbe(model)
+    probe = stats_probe(model, x)
     probe_forward(model, x, PROBE_SEED, [probe])
-    assert {k: float(v) for k, v in probe.measure().items()} == {
+    assert {k: float(v) for k, v in probe.measure(0).scalars.items()} == {
         "bnstats/log_var_ratio/1": expected}
     assert layer.running_var.tolist() == [3.0, 0.0] and layer.num_batches_tracked == 0
 
