@@ -4,14 +4,20 @@ for speed on the CPU.
 :mod:`bnlab.nn.batchnorm` is the reference (read it first); this module computes the same
 formulas for eager calls with fewer passes over memory:
 
-* in-place ops into one output buffer, and only ``x`` plus per-channel vectors saved;
-* large tensors walked a slice of samples at a time (:func:`bnlab.nn.passes.sample_slices`), so
-  that a product is summed, or a slice read again, while it is still in the CPU cache;
-* per-channel sums of standard-contiguous tensors as row sums first (:func:`_channel_sum`);
-* the corrected two-pass variance (Chan, Golub & LeVeque 1983), which stays exact where a
-  channel's ``|mean| >> std`` (more accurate there than the reference and torch's kernel);
-  where no channel is like that (:func:`_is_well_conditioned`), the correction is skipped and
-  the backward does not centre ``x``.
+* the statistics read ``x`` from memory once (:func:`_moments`): each cache-sized slice of
+  samples (:func:`bnlab.nn.passes.sample_slices`) is summed, and its squared deviations from
+  its own mean formed in one fused pass and summed, while it is in cache; the slices' moments
+  are merged exactly (Chan, Golub & LeVeque 1979);
+* the output is then one pass, ``x * scale + shift``, into a fresh buffer; the backward's
+  sums are taken a slice at a time too, so a product is summed while it is in cache; only
+  ``x`` plus per-channel vectors are saved;
+* per-channel sums of standard-contiguous tensors as row sums first
+  (:func:`bnlab.nn.passes.channel_sum`);
+* these shortcuts need a channel's ``|mean|`` to be within a few standard deviations
+  (:func:`_is_well_conditioned`); otherwise the corrected two-pass variance (Chan, Golub &
+  LeVeque 1983) about the mean is computed and ``x`` is centred before scaling, forward and
+  backward, which stays exact where ``|mean| >> std`` (more accurate there than the reference
+  and torch's kernel).
 
 :class:`FastTrainFn` and :class:`FastEvalFn` have the signatures of the reference's
 ``_BatchNormTrainFn`` and ``_BatchNormEvalFn``; :func:`bnlab.nn.batchnorm.batch_norm` takes
@@ -19,7 +25,7 @@ them for eager calls with ``fast=True`` (the layers pass their ``fast`` option),
 (the slices and the well-conditioned check are CPU-only). ``torch.compile`` traces the
 reference instead. A backward with ``create_graph=True`` (double backward) differentiates the
 formulas of :mod:`bnlab.nn.functional` with autograd. :func:`batch_stats_fast` is
-:func:`bnlab.nn.functional.batch_stats` in fewer passes (Batch Renorm's corrections).
+:func:`bnlab.nn.functional.batch_stats` in one read of ``x`` (Batch Renorm's corrections).
 ``tests/test_batchnorm_fast.py`` checks this module against the reference and the statistics
 against ``batch_stats``.
 """
@@ -46,14 +52,10 @@ from bnlab.nn.functional import (
     per_channel,
     reduce_dims,
 )
-from bnlab.nn.passes import rows, sample_slices
+from bnlab.nn.passes import channel_sum, sample_slices, scale_shift, squared_deviations
 
 __all__ = ["FastEvalFn", "FastTrainFn", "batch_stats_fast"]
 
-
-# Below this many values per (sample, channel) row, summing the rows first gains nothing over
-# one reduction over the strided dims.
-_MIN_ROW = 16
 
 # Channels whose |mean| is at most this many standard deviations are "well conditioned": the
 # float rounding error of the mean (~ulp(mean)) stays below ~1e-6 std there, so the corrected
@@ -85,26 +87,6 @@ def _is_well_conditioned(x: Tensor, center: Tensor, var: Tensor, eps: float) -> 
     return bool(ratio.max() <= _MAX_MEAN_OVER_STD)
 
 
-def _rows(t: Tensor) -> Tensor | None:
-    """View a standard-contiguous (N, C, *) tensor as (N*C, L) rows, if that is worthwhile."""
-    if t.dim() < 3 or not t.is_contiguous():
-        return None
-    n_rows = t.shape[0] * t.shape[1]
-    if n_rows == 0 or t.numel() // n_rows < _MIN_ROW:
-        return None
-    return t.view(n_rows, -1)
-
-
-def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Sum over every dim except 1, accumulated and returned in ``dtype`` (default t's)."""
-    rows = _rows(t)
-    if rows is not None:
-        # Summing the contiguous rows first and then over N is a cheaper reduction on CPU
-        # than one reduction over the strided dims (0, 2, 3, ...).
-        return rows.sum(1, dtype=dtype).view(t.shape[0], t.shape[1]).sum(0)
-    return t.sum(reduce_dims(t), dtype=dtype)
-
-
 def _slice_buffer(t: Tensor, slices: list[slice], dtype: torch.dtype) -> Tensor:
     """A reusable buffer for one slice of ``t`` (the last slice uses a prefix of it)."""
     return _empty(t[slices[0]], dtype, suggest_memory_format(t))
@@ -114,12 +96,12 @@ def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-channel ``sum(a * b)`` over every dim except 1, a slice of samples at a time."""
     slices = sample_slices(a)
     if len(slices) == 1:
-        return _channel_sum(a * b)
+        return channel_sum(a * b)
     buf = _slice_buffer(a, slices, torch.result_type(a, b))
     total = torch.zeros(a.shape[1], dtype=buf.dtype, device=a.device)
     for s in slices:
         part = buf[: a[s].shape[0]]
-        total += _channel_sum(torch.mul(a[s], b[s], out=part))
+        total += channel_sum(torch.mul(a[s], b[s], out=part))
     return total
 
 
@@ -131,7 +113,7 @@ def _centered_square_sum(x: Tensor, center: Tensor, out: Tensor) -> Tensor:
     total = torch.zeros(x.shape[1], dtype=out.dtype, device=x.device)
     for s in slices:
         xc = torch.sub(x[s], center, out=out[s])
-        total += _channel_sum(torch.mul(xc, xc, out=buf[: xc.shape[0]]))
+        total += channel_sum(torch.mul(xc, xc, out=buf[: xc.shape[0]]))
     return total
 
 
@@ -148,36 +130,42 @@ def _grad_sums(
     for s in slices:
         gs = g[s]
         v = x[s] if center is None else torch.sub(x[s], center, out=out[s])
-        sum_g += _channel_sum(gs)
-        dot += _channel_sum(torch.mul(gs, v, out=buf[: gs.shape[0]]))
+        sum_g += channel_sum(gs)
+        dot += channel_sum(torch.mul(gs, v, out=buf[: gs.shape[0]]))
     return sum_g, dot
 
 
+def _moments(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased variance)`` of ``x`` in ``dtype``, reading ``x`` from memory
+    once: each slice of samples is summed, centred on its own mean and its squares summed
+    while it is in cache (a two-pass per slice); the slices' moments are then merged exactly
+    (Chan, Golub & LeVeque 1979: the sum of squared deviations is the slices' sums plus each
+    slice's count times its squared distance to the mean)."""
+    slices = sample_slices(x)
+    ndim, per_sample = x.dim(), x[0].numel() // x.shape[1]
+    sums = x.new_empty((len(slices), x.shape[1]), dtype=dtype)
+    squares = torch.empty_like(sums)
+    counts = []
+    for i, s in enumerate(slices):
+        xs = x[s]
+        counts.append(xs.shape[0] * per_sample)
+        channel_sum(xs, dtype, out=sums[i])
+        center = per_channel(sums[i] / counts[-1], ndim)
+        channel_sum(squared_deviations(xs, center), out=squares[i])
+    n = sum(counts)
+    mean = sums.sum(0) / n
+    if len(slices) == 1:
+        return mean, squares[0] / n
+    count = torch.tensor(counts, dtype=dtype, device=x.device).unsqueeze(1)
+    spread = (count * (sums / count - mean).square()).sum(0)
+    return mean, (squares.sum(0) + spread) / n
+
+
 def batch_stats_fast(x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`bnlab.nn.functional.batch_stats` (per-channel mean and biased variance, two-pass,
-    in the compute dtype) in fewer passes over memory and no full-size temporary: the mean from
-    per-(sample, channel) row sums, then the centred squares summed a cache-sized slice of
-    samples at a time. Not differentiable (grad mode off: Batch Renorm's corrections)."""
-    x3 = rows(x)
-    n = x3.shape[0] * x3.shape[2]
-    cdtype = compute_dtype(x.dtype)
-    mean = x3.sum(-1, dtype=cdtype).sum(0) / n
-    squares = torch.zeros_like(mean)
-    for s in sample_slices(x3):
-        squares += torch.linalg.vector_norm(x3[s] - mean.unsqueeze(-1), dim=-1).square().sum(0)
-    return mean, squares / n
-
-
-def _scale_shift(t: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
-    """``out = t * scale + shift`` with per-channel (broadcast) ``scale`` and ``shift``.
-
-    When ``out`` has channels innermost (NHWC) one ``addcmul`` pass does it: the broadcast
-    vectors line up with the vector lanes. In NCHW both vectors are constant along the inner
-    loop, which the CPU kernel does not vectorize, so two passes are faster there.
-    """
-    if out.stride(1) == 1:
-        return torch.addcmul(shift, t, scale, out=out)
-    return torch.mul(t, scale, out=out).add_(shift)
+    """:func:`bnlab.nn.functional.batch_stats` (per-channel mean and biased variance, in the
+    compute dtype) reading ``x`` once, with no full-size temporary (:func:`_moments`). Not
+    differentiable (grad mode off: Batch Renorm's corrections)."""
+    return _moments(x, compute_dtype(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,28 +183,28 @@ class FastTrainFn(Function):
         cdtype = compute_dtype(x.dtype)
         ndim = x.dim()
         n = x.numel() // x.shape[1]
-        # Two-pass variance: center = mean(x) (rounded to the compute dtype), then the mean of
-        # squared deviations xc = x - center. The centred tensor lives in the buffer that
-        # becomes the output (half inputs are promoted to float32 inside the subtraction).
-        center = _channel_sum(x, cdtype) / n
-        xc = _empty(x, cdtype, output_memory_format(x))
-        var = _centered_square_sum(x, per_channel(center, ndim), out=xc) / n
+        center, var = _moments(x, cdtype)
+        y = _empty(x, cdtype, output_memory_format(x))
         well_conditioned = _is_well_conditioned(x, center, var, eps)
         if well_conditioned:
-            delta = torch.zeros_like(center)
+            # y = (x - mean) * scale + beta as x * scale + (beta - mean * scale): one pass.
+            delta, v = torch.zeros_like(center), x
         else:
-            # Corrected two-pass: center carries a rounding error of about ulp(mean), which
-            # matters once |mean| >> std. xc = x - center is exact for values near the mean,
-            # and delta = mean(xc) recovers the error: mean = center + delta,
-            # var = mean(xc^2) - delta^2.
-            delta = _channel_sum(xc) / n
+            # Corrected two-pass: center (the mean above) carries a rounding error of about
+            # ulp(mean), which matters once |mean| >> std. xc = x - center is exact for values
+            # near the mean, and delta = mean(xc) recovers the error: mean = center + delta,
+            # var = mean(xc^2) - delta^2. xc lives in the output buffer (half inputs are
+            # promoted to float32 inside the subtraction).
+            var = _centered_square_sum(x, per_channel(center, ndim), out=y) / n
+            delta = channel_sum(y) / n
             var = (var - delta * delta).clamp_min_(0.0)
+            v = y
         mean = center + delta
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else weight.to(cdtype) * invstd
-        offset = -delta * scale if bias is None else bias.to(cdtype) - delta * scale
-        # y = (xc - delta) * scale + beta, in place.
-        y = _scale_shift(xc, per_channel(scale, ndim), per_channel(offset, ndim), out=xc)
+        origin = center if well_conditioned else delta  # y = (v - origin) * scale + beta
+        offset = -origin * scale if bias is None else bias.to(cdtype) - origin * scale
+        y = scale_shift(v, per_channel(scale, ndim), per_channel(offset, ndim), out=y)
 
         ctx.save_for_backward(x, weight, center, delta, invstd)
         ctx.eps = eps
@@ -308,7 +296,7 @@ def _train_backward_fast(
         k_, shift = per_channel(k, ndim), per_channel(c - k * offset, ndim)
         scale_ = per_channel(scale, ndim)
         for s in sample_slices(dx):
-            _scale_shift(v[s], k_, shift, out=dx[s]).addcmul_(g[s], scale_)
+            scale_shift(v[s], k_, shift, out=dx[s]).addcmul_(g[s], scale_)
         dx = dx.to(grad_y.dtype)
     return dx, d_weight, sum_g
 
@@ -331,11 +319,13 @@ class FastEvalFn(Function):
         mean, var = running_mean.to(cdtype), running_var.to(cdtype)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else weight.to(cdtype) * invstd
-        # (x - mean) * scale + beta in one buffer; mixed half/float operands promote to float32.
+        # (x - mean) * scale + beta, centred first so that values near a huge mean stay exact,
+        # a slice at a time into one buffer; mixed half/float operands promote to float32.
         y = _empty(x, cdtype, output_memory_format(x))
-        torch.sub(x, per_channel(mean, ndim), out=y).mul_(per_channel(scale, ndim))
-        if bias is not None:
-            y.add_(per_channel(bias.to(cdtype), ndim))
+        shift = torch.zeros_like(mean) if bias is None else bias.to(cdtype)
+        mean_, scale_, shift_ = (per_channel(t, ndim) for t in (mean, scale, shift))
+        for s in sample_slices(y):
+            scale_shift(torch.sub(x[s], mean_, out=y[s]), scale_, shift_, out=y[s])
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         save_param_dtypes(ctx, weight, bias)
@@ -378,5 +368,5 @@ def _eval_backward_fast(
         xc = x.contiguous(memory_format=fmt) - per_channel(mean, ndim)
         d_weight = _channel_dot(g.to(mean.dtype), xc) * invstd
     if need_b:
-        d_bias = _channel_sum(g, mean.dtype)
+        d_bias = channel_sum(g, mean.dtype)
     return dx, d_weight, d_bias
