@@ -563,3 +563,23 @@ def test_half_inputs_computed_in_float32(make: Callable[[], nn.Module], dtype: t
         torch.testing.assert_close(buf.to(ref.dtype), ref, msg=name, rtol=1e-5, atol=1e-6)
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert dx.dtype == dtype and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("make", [lambda: GroupNorm(3, 6), lambda: GroupNorm(1, 6),
+                                  lambda: GhostBatchNorm2d(6, virtual_batch_size=2),
+                                  lambda: BatchRenorm2d(6)],
+                         ids=["group3", "layer", "ghost", "renorm"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_fast_output_is_no_view(make: Callable[[], nn.Module], channels_last: bool) -> None:
+    """The eager output is a tensor of its own: an in-place ReLU on a view of a Function's
+    output would make autograd copy the whole gradient (CopySlices) in every backward."""
+    layer = make()
+    x = _input((4, 6, 3, 5))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = layer(x)
+    assert not y._is_view()
+    assert type(y.relu_().grad_fn).__name__ == "ReluBackward0"
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else
+                           torch.contiguous_format)

@@ -30,6 +30,7 @@ normalization kernel is called anywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -38,8 +39,9 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.nn import init
 
+from bnlab.nn.compat import output_memory_format
 from bnlab.nn.functional import compute_dtype
-from bnlab.nn.passes import rows, sample_slices
+from bnlab.nn.passes import rows, sample_slices, scale_shift
 from bnlab.nn.state import register_affine
 
 __all__ = ["GroupNorm", "group_norm", "pooled_row_norm"]
@@ -68,70 +70,83 @@ def _reference(
 
 
 def _row_dot(a: Tensor, b: Tensor, buf: Tensor) -> Tensor:
-    """Per-row ``sum(a * b)`` of ``(n, C, L)`` tensors, the product formed in ``buf``."""
+    """Per-row ``sum(a * b)`` of ``(n, C, L)`` tensors, the product formed in ``buf`` (a sum
+    of squares too: ``linalg.vector_norm`` is fast only along contiguous rows, not in NHWC)."""
     return torch.mul(a, b, out=buf[: a.shape[0]]).sum(-1)
 
 
+def _like_rows(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A new ``(N, C, *)`` tensor in ``x``'s memory format (NCHW or channels_last) and its
+    ``(N, C, L)`` rows, a view of it."""
+    t = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=output_memory_format(x))
+    return t, t.view(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
 class _PooledRowNormFn(Function):
-    """Eager :func:`pooled_row_norm`: ``forward(x3, weight, bias, pool, eps, align) -> (y, mean,
-    var)`` on ``(N, C, L)`` rows, the hand-derived backward of the module docstring. Saves
-    ``x3`` and per-row vectors only; ``mean`` and ``var`` are non-differentiable outputs."""
+    """Eager :func:`pooled_row_norm`: ``forward(x, weight, bias, pool, eps, align) -> (y, mean,
+    var)`` for ``x`` of shape ``(N, C, *)``, computed on its ``(N, C, L)`` rows, with the
+    hand-derived backward of the module docstring. ``y`` is a tensor of its own, not a view
+    (an in-place ReLU on a view of a Function's output makes autograd copy the gradient).
+    Saves ``x`` and per-row vectors only; ``mean`` and ``var`` are non-differentiable."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        x3: Tensor,
+        x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         pool: Pool,
         eps: float,
         align: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        cdtype = compute_dtype(x3.dtype)
+        cdtype = compute_dtype(x.dtype)
+        x3 = rows(x)
         n, c, length = x3.shape
-        y = torch.empty_like(x3, dtype=cdtype)  # (keeps x3's strides: channels_last stays)
+        y, y3 = _like_rows(x, cdtype)
         mean = x3.new_empty((n, c), dtype=cdtype)
         var, rstd = torch.empty_like(mean), torch.empty_like(mean)
         w = None if weight is None else weight.to(cdtype)
-        for s in sample_slices(x3, align):
+        shift = torch.zeros(c, dtype=cdtype, device=x.device) if bias is None else bias.to(cdtype)
+        slices = sample_slices(x3, align)
+        buf = torch.empty_like(y3[slices[0]])
+        for s in slices:
             m = pool(x3[s].sum(-1, dtype=cdtype)) / length
-            xc = torch.sub(x3[s], m.unsqueeze(-1), out=y[s])
-            v = pool(torch.linalg.vector_norm(xc, dim=-1).square()) / length
+            xc = torch.sub(x3[s], m.unsqueeze(-1), out=y3[s])
+            v = pool(_row_dot(xc, xc, buf)) / length
             r = torch.rsqrt(v + eps)
             mean[s], var[s], rstd[s] = m, v, r
-            xc.mul_((r if w is None else r * w).unsqueeze(-1))
-            if bias is not None:
-                xc.add_(bias.to(cdtype).unsqueeze(-1))
-        ctx.save_for_backward(x3, weight, bias, mean, rstd)
+            scale_shift(xc, (r if w is None else r * w).unsqueeze(-1), shift.unsqueeze(-1), out=xc)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.pool, ctx.eps, ctx.align = pool, eps, align
         ctx.mark_non_differentiable(mean, var)
-        return y.to(x3.dtype), mean, var
+        return y.to(x.dtype), mean, var
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_y: Tensor, _grad_mean: Tensor | None, _grad_var: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        x3, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x3, g3 = rows(x), rows(grad_y)
         if torch.is_grad_enabled():
             # create_graph=True: the grads must themselves be differentiable, so differentiate
             # the reference (recomputed from the saved, graph-connected inputs).
-            inputs = [t for t, need in zip((x3, weight, bias), (need_x, need_w, need_b),
+            inputs = [t for t, need in zip((x, weight, bias), (need_x, need_w, need_b),
                                            strict=True) if need]
             y = _reference(x3, ctx.pool, weight, bias, ctx.eps)[0]
-            grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+            grads = iter(torch.autograd.grad(y, inputs, g3, create_graph=True))
             return (*(next(grads) if need else None for need in (need_x, need_w, need_b)),
                     None, None, None)
         cdtype = mean.dtype
         pool, length = ctx.pool, x3.shape[2]
         w = None if weight is None else weight.to(cdtype)
-        dx = torch.empty_like(x3, dtype=cdtype)
+        dx, dx3 = _like_rows(x, cdtype)
         sum_g, sum_gxc = torch.empty_like(mean), torch.empty_like(mean)
         slices = sample_slices(x3, ctx.align)
-        buf = torch.empty_like(dx[slices[0]])
+        buf = torch.empty_like(dx3[slices[0]])
         for s in slices:
-            g, r = grad_y[s], rstd[s]
-            xc = torch.sub(x3[s], mean[s].unsqueeze(-1), out=dx[s])
+            g, r = g3[s], rstd[s]
+            xc = torch.sub(x3[s], mean[s].unsqueeze(-1), out=dx3[s])
             sum_g[s] = g.sum(-1, dtype=cdtype)
             sum_gxc[s] = _row_dot(g, xc, buf)
             wg = sum_g[s] if w is None else w * sum_g[s]
@@ -139,7 +154,7 @@ class _PooledRowNormFn(Function):
             a = pool(wg) / length
             b = pool(wgxc) * r / length
             # dx = rstd * gamma * g - rstd * A - (x - mu) * rstd^2 * B, into xc's buffer.
-            xc.mul_((-r * r * b).unsqueeze(-1)).sub_((r * a).unsqueeze(-1))
+            scale_shift(xc, (-r * r * b).unsqueeze(-1), (-r * a).unsqueeze(-1), out=xc)
             xc.addcmul_(g, (r if w is None else r * w).unsqueeze(-1))
         return (
             dx.to(grad_y.dtype) if need_x else None,
@@ -168,11 +183,9 @@ def pooled_row_norm(
     (NCHW or channels_last), and the per-row pooled mean and biased variance, ``(N, C)``
     tensors in the compute dtype, detached. ``fast``: eager calls take the fast path
     (:class:`_PooledRowNormFn`); under ``torch.compile`` the reference always runs."""
-    x3 = rows(x)
     if fast and not torch.compiler.is_compiling():
-        y, mean, var = _PooledRowNormFn.apply(x3, weight, bias, pool, eps, align)
-    else:
-        y, mean, var = _reference(x3, pool, weight, bias, eps)
+        return _PooledRowNormFn.apply(x, weight, bias, pool, eps, align)
+    y, mean, var = _reference(rows(x), pool, weight, bias, eps)
     return y.view(x.shape), mean, var
 
 
