@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bnlab.nn.whitening as whitening_module
 from bnlab.nn.decorrelated import DecorrelatedBatchNorm1d, DecorrelatedBatchNorm2d
 
 F64 = torch.float64
@@ -550,3 +551,60 @@ def test_input_errors():
         DecorrelatedBatchNorm1d(4)(torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match=r"expected 4 channels"):
         DecorrelatedBatchNorm2d(4)(torch.randn(2, 5, 3, 3))
+
+
+# (layer class, input shape, memory format) whose groups are all of one size in dense data:
+# the column groups of one (m, C) matrix, computed together (whitening.GroupedRows).
+ONE_RUN = {
+    "2d-cl": (DecorrelatedBatchNorm2d, (6, 8, 3, 4), torch.channels_last),
+    "1d-NC": (DecorrelatedBatchNorm1d, (40, 8), torch.contiguous_format),
+}
+
+
+def _count_grouped_rows(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = whitening_module.GroupedRows.apply
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(whitening_module.GroupedRows, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("whitening_kind", WHITENINGS)
+@pytest.mark.parametrize("case", list(ONE_RUN))
+def test_column_groups_equal_the_per_group_path(monkeypatch, case, whitening_kind):
+    """All groups in one batched matmul give the per-group path's output, gradients and running
+    statistics (float64, to rounding), forward and backward."""
+    cls, shape, fmt = ONE_RUN[case]
+    x = correlated(shape, fmt=fmt)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    results = []
+    for together in (True, False):
+        calls = _count_grouped_rows(monkeypatch)
+        if not together:
+            monkeypatch.setattr(cls, "_one_run_of_rows", lambda self, x: False)
+        layer = make_layer(cls, 8, group_size=4, whitening=whitening_kind)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        grads = torch.autograd.grad(y, [xi, layer.weight, layer.bias], g)
+        assert (len(calls) >= 2) == together  # forward and the Gram's backward at least
+        results.append((y, *grads, layer.running_mean, layer.running_whitening))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert results[0][0].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("whitening_kind", WHITENINGS)
+def test_column_groups_gradcheck(monkeypatch, whitening_kind):
+    calls = _count_grouped_rows(monkeypatch)
+    layer = make_layer(DecorrelatedBatchNorm2d, 4, group_size=2, whitening=whitening_kind)
+    x = correlated((3, 4, 2, 2), fmt=torch.channels_last).requires_grad_()
+    w = layer.weight.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(layer_fn(layer), (x, w, b))
+    if whitening_kind == "iter":
+        assert torch.autograd.gradgradcheck(layer_fn(layer), (x, w, b))
+    assert calls

@@ -53,7 +53,15 @@ from torch.nn import init
 from bnlab.nn.functional import affine, compute_dtype, per_channel
 from bnlab.nn.state import Input1d, Input2d, register_affine
 from bnlab.nn.stats import NormStatistics
-from bnlab.nn.whitening import Center, Gram, InvSqrtSym, left_matmul, newton_inv_sqrt
+from bnlab.nn.whitening import (
+    Center,
+    Gram,
+    GroupedRows,
+    GroupGram,
+    InvSqrtSym,
+    left_matmul,
+    newton_inv_sqrt,
+)
 
 __all__ = ["DecorrelatedBatchNorm1d", "DecorrelatedBatchNorm2d"]
 
@@ -167,6 +175,15 @@ class _DecorrelatedBatchNorm(nn.Module):
             return dense, [p.mT[None, None] for p in parts]
         return dense, [p.unflatten(1, run) for p, run in zip(parts, runs, strict=True)]
 
+    def _one_run_of_rows(self, x: Tensor) -> bool:
+        """Dense data (:func:`_dense`) whose groups are all of one size: then the groups are
+        column groups of one (m, C) matrix, computed together (:class:`GroupedRows`)."""
+        return _dense(x) and len(self._runs) == 1
+
+    def _row_matrix(self, x: Tensor) -> Tensor:
+        """Dense (N, C, *) data as its contiguous (m, C) rows (a view for channels_last)."""
+        return x.movedim(1, -1).reshape(-1, self.num_features)
+
     @staticmethod
     def _assemble(ys: list[Tensor], like: Tensor, dense: bool) -> Tensor:
         """Inverse of :meth:`_group_matrices`: the parts back in ``like``'s shape and layout."""
@@ -221,6 +238,9 @@ class _DecorrelatedBatchNorm(nn.Module):
             msg = "Expected more than 1 value per channel when training, got input size"
             raise ValueError(f"{msg} {tuple(x.shape)}")
         xc, mean = Center.apply(x)
+        if self._one_run_of_rows(xc):
+            k = self._runs[0][0]
+            return mean, xc, [self._whiten(GroupGram.apply(self._row_matrix(xc), k) / m)]
         dense, parts = self._group_matrices(xc)
         grams = [Gram.apply(xs).sum(0) for xs in parts]
         if dense:  # one (1, s, s) Gram per group: batch them per run for the whitening
@@ -235,6 +255,9 @@ class _DecorrelatedBatchNorm(nn.Module):
         if self.weight is not None:
             gammas = self._split(self.weight.to(xc.dtype), 0)
             mats = [w * g[..., None] for w, g in zip(mats, gammas, strict=True)]
+        if self._one_run_of_rows(xc):
+            rows_shape = xc.movedim(1, -1).shape
+            return GroupedRows.apply(self._row_matrix(xc), mats[0]).view(rows_shape).movedim(-1, 1)
         dense, parts = self._group_matrices(xc)
         if dense:  # one matrix per group
             mats = [w for run in mats for w in run.split(1)]

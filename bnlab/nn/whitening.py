@@ -12,6 +12,9 @@ the float64 Gram matrix and the two inverse square roots of a covariance.
   autograd, in a numerically stable coupled form.
 * :func:`left_matmul`, :func:`rows_fastest`: products laid out like channels-last data, so
   neither operand needs a transposing copy.
+* :class:`GroupedRows`, :class:`GroupGram`: the same products for all column groups of an
+  ``(m, G*g)`` channels-last matrix at once, one batched matmul over strided views that writes
+  its result in that layout (no per-group copies, no concatenation).
 """
 
 from __future__ import annotations
@@ -24,7 +27,17 @@ from torch.autograd.function import once_differentiable
 
 from bnlab.nn.functional import per_channel, reduce_dims
 
-__all__ = ["Center", "Gram", "InvSqrtSym", "left_matmul", "newton_inv_sqrt", "rows_fastest"]
+__all__ = [
+    "Center",
+    "Gram",
+    "GroupGram",
+    "GroupedRows",
+    "InvSqrtSym",
+    "column_groups",
+    "left_matmul",
+    "newton_inv_sqrt",
+    "rows_fastest",
+]
 
 
 class Center(torch.autograd.Function):
@@ -71,6 +84,52 @@ def left_matmul(a: Tensor, x: Tensor) -> Tensor:
 def rows_fastest(x: Tensor) -> bool:
     """Whether the rows of the matrices in ``x`` (..., s, L) are its fastest dimension."""
     return x.stride(-2) == 1 and x.shape[-1] > 1
+
+
+def column_groups(x: Tensor, groups: int) -> Tensor:
+    """A contiguous ``(m, G*g)`` matrix as a ``(G, m, g)`` view: group ``k`` is columns
+    ``k*g`` to ``(k+1)*g - 1``, each group a row-major matrix of leading dimension ``G*g``."""
+    return x.view(x.shape[0], groups, -1).transpose(0, 1)
+
+
+class GroupedRows(torch.autograd.Function):
+    """``y[:, group k] = x[:, group k] @ w[k]^T`` for a contiguous ``(m, G*g)`` matrix ``x`` and
+    ``w`` of shape ``(G, g, g)``: one batched matmul written into a contiguous ``(m, G*g)``
+    result. Backward: this Function again and a batched matmul, so double backward works."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.bmm(column_groups(x, w.shape[0]), w.mT, out=column_groups(y, w.shape[0]))
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = GroupedRows.apply(grad, w.mT) if ctx.needs_input_grad[0] else None
+        groups = w.shape[0]
+        dw = (column_groups(grad, groups).mT @ column_groups(x, groups)
+              if ctx.needs_input_grad[1] else None)
+        return dx, dw
+
+
+class GroupGram(torch.autograd.Function):
+    """The ``(G, g, g)`` float64 Gram matrices ``X_k^T X_k`` of the column groups of a
+    contiguous ``(m, G*g)`` matrix (:class:`Gram` for channels-last data, all groups at once);
+    backward ``X_k (dG_k + dG_k^T)`` in ``x``'s dtype (:class:`GroupedRows`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, groups: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        xg = column_groups(x.double(), groups)
+        return xg.mT @ xg
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return GroupedRows.apply(x, (grad + grad.mT).to(x.dtype)), None
 
 
 class InvSqrtSym(torch.autograd.Function):
