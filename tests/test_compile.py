@@ -134,3 +134,33 @@ def test_cpu_compile_draws_eager_random_numbers():
         torch._dynamo.reset()
     assert not torch.allclose(expected, other)  # the output depends on the draws
     close(expected, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_compiled_batch_stats_equal_the_two_pass_form(layout):
+    """Under torch.compile the per-channel statistics are traced as one var_mean (a single
+    reduction) and equal the eager two-pass form: float64 to rounding, float32 to its
+    precision also where |mean| >> std."""
+    from bnlab.nn.functional import batch_stats
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(batch_stats, backend=recording_backend, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        for dtype, loc, tol in ((torch.float64, 1.0, 1e-12), (torch.float32, 1e3, 1e-5)):
+            x = torch.randn(6, 3, 5, 4, dtype=torch.float64) * 3 + loc
+            if layout == "nhwc":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(dtype)
+            for got, want in zip(compiled(x), batch_stats(x), strict=True):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    finally:
+        torch._dynamo.reset()
+    ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert any("var_mean" in op for op in ops), ops

@@ -4,7 +4,8 @@ For an input of shape :math:`(N, C, *)` the statistics of a channel run over eve
 except 1 (:func:`reduce_dims`); :math:`n` is the number of values a statistic averages.
 
 * :func:`batch_stats`: the per-channel mean and *biased* variance (two-pass, never
-  :math:`E[x^2] - E[x]^2`), in the compute dtype (float32 for half inputs) or a given one.
+  :math:`E[x^2] - E[x]^2`; ``var_mean`` under ``torch.compile``, the same statistics in one
+  compiled reduction), in the compute dtype (float32 for half inputs) or a given one.
   The one definition of per-channel statistics: the layers' references, the probes
   (``bnlab.probes``) and Precise BN compute them here; the eager fast paths' fused passes
   (``batchnorm_fast.py``) are tested against it.
@@ -91,6 +92,12 @@ def batch_stats(
     cancel when ``|mean| >> std``."""
     dims = reduce_dims(x) if dims is None else dims
     xf = x.to(compute_dtype(x.dtype) if dtype is None else dtype)
+    if torch.compiler.is_compiling():
+        # The same statistics in the form Inductor compiles to one (Welford) reduction that
+        # reads x once; the two-pass form below compiles to two. Eager var_mean is a slow
+        # kernel on the CPU, so eager code keeps the two passes.
+        var, mean = torch.var_mean(xf, dims, correction=0)
+        return mean, var
     mean = xf.mean(dims, keepdim=True)
     var = (xf - mean).square().mean(dims)
     return mean.flatten(), var
