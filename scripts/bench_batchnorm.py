@@ -21,7 +21,10 @@ Variants:
 Repetitions are interleaved (one step of every variant per round) so that drifts of the machine
 hit all variants alike; after warm-up the median over rounds is reported, and a second table
 gives the minimum over rounds (the least-disturbed run, useful on a shared, busy machine).
-Ratios are variant/torch time (lower is better; < 1 means the variant is faster).
+Ratios are variant/torch time (lower is better; < 1 means the variant is faster). Each step's
+CPU time (``time.process_time``: this process, all its threads) is measured too, and reported
+as medians and as the median of per-round ratios: on a machine shared with other jobs it
+leaves out the time spent waiting for a core, most of the wall clock's noise.
 
 Usage::
 
@@ -87,7 +90,8 @@ def make_step(layer: nn.Module, run: Callable[[Tensor], Tensor], x: Tensor, g: T
 
 def bench_shape(
     shape: tuple[int, ...], rounds: int, warmup: int, compile_: bool, fmt: torch.memory_format
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU milliseconds per step of every variant, over ``rounds`` rounds."""
     torch.manual_seed(0)
     c = shape[1]
     x = torch.randn(shape).mul_(2).add_(0.5).contiguous(memory_format=fmt).requires_grad_()
@@ -109,12 +113,14 @@ def bench_shape(
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: [t * 1e3 for t in ts] for name, ts in times.items()}
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return times, cpu
 
 
 def print_table(title: str, rows: list[tuple[tuple[int, ...], dict[str, float]]], compile_: bool):
@@ -168,14 +174,23 @@ def main() -> None:
     )
     # Other processes on the machine distort timings; record how busy it was.
     print("load average (1/5/15 min) at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    medians, minima = [], []
+    medians, minima, cpu_medians, ratios = [], [], [], []
     for shape in SHAPES:
-        times = bench_shape(shape, rounds, warmup, compile_, fmt)
+        times, cpu = bench_shape(shape, rounds, warmup, compile_, fmt)
         medians.append((shape, {k: statistics.median(v) for k, v in times.items()}))
         minima.append((shape, {k: min(v) for k, v in times.items()}))
+        cpu_medians.append((shape, {k: statistics.median(v) for k, v in cpu.items()}))
+        ratios.append((shape, {k: statistics.median(a / b for a, b in zip(v, cpu["torch"],
+                                                                          strict=True))
+                               for k, v in cpu.items()}))
         print(f"done {shape}", flush=True)
-    print_table("Median over rounds:", medians, compile_)
-    print_table("Minimum over rounds:", minima, compile_)
+    print_table("Median over rounds (wall ms):", medians, compile_)
+    print_table("Minimum over rounds (wall ms):", minima, compile_)
+    # CPU time (this process, all threads) leaves out the time the process waited for a core,
+    # which on a shared machine is most of the noise of the wall clock.
+    print_table("Median over rounds (CPU ms):", cpu_medians, compile_)
+    print_table("Median of per-round CPU-time ratios (each 'ms' column: ratio to torch):",
+                ratios, compile_)
     print("\nload average (1/5/15 min) at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
