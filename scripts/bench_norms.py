@@ -239,8 +239,8 @@ def bench_ws(args: argparse.Namespace) -> None:
             times = time_interleaved(steps, args.rounds, args.warmup, args.clock)
             rows.append((shape, fmt_name, times))
         print(f"done {shape}", flush=True)
-    print(f"\n3×3 conv, forward + backward, {args.clock} ms over {args.rounds} rounds (median; minimum in "
-          f"brackets); target ws/conv and scaled/conv <= {WS_TARGET}x:\n")
+    print(f"\n3×3 conv, forward + backward, {args.clock} ms over {args.rounds} rounds (median; "
+          f"minimum in brackets); target ws/conv and scaled/conv <= {WS_TARGET}x:\n")
     print("| shape (N,C,H,W) | layout | conv ms | ws ms | ws/conv | scaled ms | scaled/conv |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape, fmt_name, times in rows:
