@@ -41,6 +41,10 @@ synthetic full-size CIFAR-10 (50k train / 10k test random images written in the
 ``cifar-10-batches-py`` layout, read through the same code path); and the resident memory
 ``bnlab.data.load`` adds (held after it returns, and at its peak), for both.
 
+``--compare-norm torch`` adds the same ``bnlab`` run with ``norm=torch`` as a side (the step
+time of the default command against the native BN), ``--bnlab-only`` drops the hand-written
+loops.
+
 Usage::
 
     python scripts/bench_train.py            # 3 rounds, loaders with 0 and 2 workers
@@ -440,11 +444,13 @@ def bench_throughput(args: argparse.Namespace, n: int | None) -> None:
     SGD.update(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     run_dir = Path(tempfile.mkdtemp(prefix="bench_train_"))
 
-    sides: dict[str, Callable[[], Sample]] = {
-        "bnlab": lambda: bnlab_epoch(overrides, run_dir),
-        "bare": lambda: bare_epoch(make_model("cnn", args.norm, fmt), tensors, steps, fmt),
-    }
-    if nhwc:  # what the layout alone is worth
+    sides: dict[str, Callable[[], Sample]] = {"bnlab": lambda: bnlab_epoch(overrides, run_dir)}
+    for norm in args.compare_norm:  # the same command with another norm
+        other = [o if not o.startswith("norm=") else f"norm={norm}" for o in overrides]
+        sides[f"bnlab norm={norm}"] = lambda other=other: bnlab_epoch(other, run_dir)
+    if not args.bnlab_only:
+        sides["bare"] = lambda: bare_epoch(make_model("cnn", args.norm, fmt), tensors, steps, fmt)
+    if nhwc and not args.bnlab_only:  # what the layout alone is worth
         nchw = torch.contiguous_format
         sides["bare-nchw"] = lambda: bare_epoch(make_model("cnn", args.norm, nchw), tensors, steps,
                                                 nchw)
@@ -517,6 +523,11 @@ def main() -> None:
                         default=None, help="DataLoader worker counts, e.g. 0,2 (empty: none)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every side (default: torch's default)")
+    parser.add_argument("--compare-norm", action="append", default=[],
+                        help="add a side: the bnlab run with this norm instead (repeatable); "
+                             "'bnlab / side' is then that norm's step time over --norm's")
+    parser.add_argument("--bnlab-only", action="store_true",
+                        help="no hand-written loop sides (bare, bare-nchw)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory part")
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
