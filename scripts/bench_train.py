@@ -43,7 +43,7 @@ synthetic full-size CIFAR-10 (50k train / 10k test random images written in the
 
 ``--compare-norm torch`` adds the same ``bnlab`` run with ``norm=torch`` as a side (the step
 time of the default command against the native BN), ``--bnlab-only`` drops the hand-written
-loops.
+loops and the allocator part.
 
 Usage::
 
@@ -527,7 +527,7 @@ def main() -> None:
                         help="add a side: the bnlab run with this norm instead (repeatable); "
                              "'bnlab / side' is then that norm's step time over --norm's")
     parser.add_argument("--bnlab-only", action="store_true",
-                        help="no hand-written loop sides (bare, bare-nchw)")
+                        help="no hand-written loop sides (bare, bare-nchw), no allocator part")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory part")
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -544,7 +544,8 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, data {args.data_root}")
     if not args.memory_only:
         bench_throughput(args, n)
-        report_allocator(args.data_root, n, args.rounds)
+        if not args.bnlab_only:
+            report_allocator(args.data_root, n, args.rounds)
     if not args.no_memory:
         report_memory(args.data_root, n, full_run=not args.quick)
 
