@@ -12,8 +12,8 @@ What lives where:
 * ``batchnorm.py``: :class:`BatchNorm1d`/``2d``/``3d``, the reference a reader learns BN from:
   drop-in replacements for torch's layers with the hand-derived backward;
   ``batchnorm_fast.py`` is its eager CPU fast path (tested against it, taken when a layer's
-  ``fast`` option is on), ``passes.py`` the cache-sized slicing the fast paths share, and
-  ``compat.py`` torch's dtype and memory-format rules.
+  ``fast`` option is on), ``passes.py`` the cache-sized slicing and layout-aware passes the
+  fast paths share, and ``compat.py`` torch's dtype and memory-format rules.
 * The zoo: :class:`BatchRenorm1d`/``2d`` (``renorm.py``, Ioffe 2017),
   :class:`GhostBatchNorm1d`/``2d`` (``ghost.py``, Hoffer et al. 2017), :class:`GroupNorm`
   (``groupnorm.py``, Wu & He 2018; layer norm is one group),
