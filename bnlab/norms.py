@@ -115,6 +115,15 @@ class Custom(BatchNormOption):
     classes = ("bnlab.nn.BatchNorm1d", "bnlab.nn.BatchNorm2d")
 
 
+class Sync(BatchNormOption):
+    """bnlab's from-scratch SyncBatchNorm (``bnlab.nn.SyncBatchNorm``): under data-parallel
+    training every process normalizes with the statistics of the whole global batch; in a
+    single process it is ``custom``."""
+
+    name: Literal["sync"] = "sync"
+    classes = ("bnlab.nn.SyncBatchNorm", "bnlab.nn.SyncBatchNorm")
+
+
 class Torch(BatchNormOption):
     """``torch.nn.BatchNorm1d/2d``, the reference implementation."""
 

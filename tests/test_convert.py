@@ -125,7 +125,7 @@ def test_noop_direction_and_untouched_layers():
     class MyBN(nn.BatchNorm2d):
         pass
 
-    sync = nn.SyncBatchNorm(3)
+    sync = bnn.SyncBatchNorm(3)
     noisy = bnn.NoisyBatchNorm2d(3)
     lazy = nn.LazyBatchNorm2d()
     mine = MyBN(3)
@@ -135,8 +135,8 @@ def test_noop_direction_and_untouched_layers():
     assert out[0] is sync and out[1] is noisy and out[2] is lazy and out[3] is mine
     assert out[4] is custom  # already custom
     out = convert_batchnorm(model, "torch")
-    assert out[0] is sync and out[1] is noisy and out[2] is lazy and out[3] is mine
-    assert type(out[4]) is nn.BatchNorm2d
+    assert out[1] is noisy and out[2] is lazy and out[3] is mine
+    assert type(out[0]) is nn.SyncBatchNorm and type(out[4]) is nn.BatchNorm2d
 
 
 def test_toggled_track_running_stats_is_carried_over():

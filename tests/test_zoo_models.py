@@ -17,7 +17,7 @@ LINEAR_SLOTS = ("cnn", "vgg11")  # models with hidden linear slots (1-d layers)
 ZOO = ["renorm", "ghost", "group", "layer", "dbn", "iternorm", "frn", "evonorm_b0", "evonorm_s0"]
 GROUPS = {"group": {"num_groups": 2}, "dbn": {"group_size": 4}, "iternorm": {"group_size": 4},
           "evonorm_s0": {"groups": 2}}
-ONE_CLASS = ("group", "layer", "frn", "evonorm_b0", "evonorm_s0")  # one layer for (N, C, *)
+ONE_CLASS = ("group", "layer", "frn", "evonorm_b0", "evonorm_s0", "sync")  # one layer for (N, C, *)
 
 
 @pytest.mark.parametrize("model", list(TINY))

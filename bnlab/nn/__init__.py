@@ -22,6 +22,8 @@ What lives where:
 * The norm-free alternatives (no mean subtracted, normalization and activation in one):
   :class:`FilterResponseNorm` (``frn.py``, FRN + TLU, Singh & Krishnan 2020),
   :class:`EvoNormB0` and :class:`EvoNormS0` (``evonorm.py``, Liu et al. 2020).
+* :class:`SyncBatchNorm` (``syncbn.py``): batch norm with the statistics of the whole batch
+  that the processes of a data-parallel job hold together (torch.distributed; CPU and GPU).
 * :class:`NoisyBatchNorm1d`/``2d`` (``noisy.py``): the custom BN followed by the
   time-varying noise of Santurkar et al. (2018), Sec. 2.1, in training mode.
 * :func:`convert_batchnorm`, :func:`replace_batchnorm` (``convert.py``): swap every batch-norm
@@ -46,6 +48,7 @@ from bnlab.nn.groupnorm import GroupNorm
 from bnlab.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
 from bnlab.nn.pooling import MaxPool2d
 from bnlab.nn.renorm import BatchRenorm1d, BatchRenorm2d
+from bnlab.nn.syncbn import SyncBatchNorm
 from bnlab.nn.weight_std import ScaledWSConv2d, WSConv2d
 
 __all__ = [
@@ -66,6 +69,7 @@ __all__ = [
     "NoisyBatchNorm1d",
     "NoisyBatchNorm2d",
     "ScaledWSConv2d",
+    "SyncBatchNorm",
     "WSConv2d",
     "convert_batchnorm",
     "replace_batchnorm",

@@ -46,6 +46,7 @@ Half (float16/bfloat16) inputs are computed in float32 and the output cast back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,6 +83,8 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm"]
 # The math
 # --------------------------------------------------------------------------------------------
 
+Pool = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, int]]  # see _backward
+
 
 def _backward(
     grad_y: Tensor,
@@ -91,11 +94,14 @@ def _backward(
     var: Tensor,
     eps: float,
     with_batch_stats: bool,
+    pool: Pool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""The hand-derived ``(d x, d gamma, d beta)`` of :math:`y = \gamma \hat x + \beta` (see
     the module docstring); ``with_batch_stats``: ``mean`` and ``var`` are the batch's, so they
     depend on ``x`` too. ``d x`` has grad_y's dtype and the memory format torch gives it; the
-    parameter grads are in the compute dtype."""
+    parameter grads are in the compute dtype. ``pool`` (:mod:`bnlab.nn.syncbn`: ``x`` is one
+    process's share of the batch) maps this share's ``(sum g, sum g x_hat)`` to the whole
+    batch's and its ``n``, for ``d x``; ``d gamma``, ``d beta`` stay this share's."""
     ndim, n = x.dim(), x.numel() // x.shape[1]
     dims = reduce_dims(x)
     x_hat = normalize(x, mean, var, eps)
@@ -107,7 +113,10 @@ def _backward(
         scale = weight.to(scale.dtype) * scale
     if with_batch_stats:
         # mu and var depend on x: their terms take out g's mean and its projection on x_hat.
-        g = g - per_channel(d_bias / n, ndim) - x_hat * per_channel(d_weight / n, ndim)
+        sum_g, sum_g_x_hat = d_bias, d_weight
+        if pool is not None:
+            sum_g, sum_g_x_hat, n = pool(sum_g, sum_g_x_hat)
+        g = g - per_channel(sum_g / n, ndim) - x_hat * per_channel(sum_g_x_hat / n, ndim)
     dx = g * per_channel(scale, ndim)
     return dx.to(grad_y.dtype).contiguous(memory_format=suggest_memory_format(x)), d_weight, d_bias
 

@@ -6,26 +6,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import torch.distributed as dist
 from torch import nn
 
-from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from bnlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.nn.syncbn import SyncBatchNorm
 
 __all__ = ["convert_batchnorm", "replace_batchnorm"]
 
-_ALLOWED = ("custom", "torch")
+_ALLOWED = ("custom", "torch", "sync")
 
 # Exact classes only. Subclasses (ours: the noisy layers; user subclasses of torch's layers)
 # may change forward() in ways the other implementation cannot reproduce, so they are left
-# alone rather than silently losing behaviour. torch's SyncBatchNorm is left alone too: it
-# synchronizes statistics across processes, which the custom layer does not do, and it
-# accepts any input rank, so there is no single custom class it maps to. Lazy layers that are
-# not yet initialized have no parameters to carry over and are also left alone.
-_TO_CUSTOM: dict[type[nn.Module], type[_BatchNorm]] = {
+# alone rather than silently losing behaviour. Lazy layers that are not yet initialized have
+# no parameters to carry over and are also left alone.
+_TO_CUSTOM: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
+    nn.SyncBatchNorm: SyncBatchNorm,
 }
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_CUSTOM.items()}
+# Any batch norm of a fixed rank becomes the synchronized layer, which takes every rank.
+_TO_SYNC: dict[type[nn.Module], type[nn.Module]] = {cls: SyncBatchNorm for cls in
+                                                    (*_TO_CUSTOM, *_TO_TORCH)}
 
 
 def _swap(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
@@ -81,18 +85,24 @@ def _convert(
     return out
 
 
-def convert_batchnorm(module: nn.Module, to: Literal["custom", "torch"] = "custom") -> nn.Module:
-    """Replace every batch-norm layer in ``module`` by the other implementation.
+def convert_batchnorm(module: nn.Module, to: Literal["custom", "torch", "sync"] = "custom",
+                      process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Replace every batch-norm layer in ``module`` by the other implementation, or by the
+    synchronized one.
 
-    ``to="custom"`` turns :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` into
-    :class:`bnlab.nn.BatchNorm1d`/``2d``/``3d``; ``to="torch"`` does the reverse. Parameters
-    and buffers are shared with the converted layer (same tensors: device, dtype, values,
-    ``requires_grad`` and optimizer references are kept), as is the training mode.
+    ``to="custom"`` turns :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` and
+    :class:`torch.nn.SyncBatchNorm` into :class:`bnlab.nn.BatchNorm1d`/``2d``/``3d`` and
+    :class:`bnlab.nn.SyncBatchNorm`; ``to="torch"`` does the reverse. ``to="sync"`` turns each
+    of these (torch's or ours) into :class:`bnlab.nn.SyncBatchNorm` over ``process_group``
+    (None: a synchronized layer keeps its group, others get the whole world), as
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` does. Parameters and buffers are
+    shared with the converted layer (same tensors: device, dtype, values, ``requires_grad``
+    and optimizer references are kept), as is the training mode.
 
     Only those exact classes are converted. Left unchanged: subclasses (including
-    :class:`bnlab.nn.NoisyBatchNorm1d`/``2d``, which have no torch counterpart),
-    :class:`torch.nn.SyncBatchNorm` (cross-process statistics) and uninitialized lazy
-    batch-norm layers. Hooks registered on a converted layer are not carried over.
+    :class:`bnlab.nn.NoisyBatchNorm1d`/``2d``, which have no torch counterpart) and
+    uninitialized lazy batch-norm layers. Hooks registered on a converted layer are not
+    carried over.
 
     Like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`, children are replaced in place
     and the (possibly new) root is returned, so always use the return value::
@@ -101,7 +111,8 @@ def convert_batchnorm(module: nn.Module, to: Literal["custom", "torch"] = "custo
 
     Args:
         module: the model (or a single layer) to convert.
-        to: ``"custom"`` or ``"torch"``.
+        to: ``"custom"``, ``"torch"`` or ``"sync"``.
+        process_group: the group of the synchronized layers ``to="sync"`` makes.
 
     Raises:
         ValueError: if ``to`` is not one of the allowed values.
@@ -114,11 +125,17 @@ def convert_batchnorm(module: nn.Module, to: Literal["custom", "torch"] = "custo
         )
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_batchnorm: expected an nn.Module, got {type(module).__name__}")
-    mapping = _TO_CUSTOM if to == "custom" else _TO_TORCH
+    mapping = {"custom": _TO_CUSTOM, "torch": _TO_TORCH, "sync": _TO_SYNC}[to]
 
     def swap(old: nn.Module) -> nn.Module | None:
         new_cls = mapping.get(type(old))
-        return None if new_cls is None else _swap(old, new_cls)
+        if new_cls is None:
+            return None
+        new = _swap(old, new_cls)
+        if hasattr(new, "process_group"):
+            new.process_group = (process_group if process_group is not None
+                                 else getattr(old, "process_group", None))
+        return new
 
     return _convert(module, swap, {})
 
