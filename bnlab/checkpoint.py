@@ -1,5 +1,6 @@
-"""What a checkpoint holds besides the model and optimizer: the global RNG streams, and reading
-a checkpoint back with a one-line error for a truncated or foreign file."""
+"""What a checkpoint holds besides the model and optimizer: the global RNG streams (every rank's,
+in a data-parallel run), and reading a checkpoint back with a one-line error for a truncated or
+foreign file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from bnlab.distributed import World, gather_objects
 from bnlab.errors import UsageError
 
 
@@ -22,6 +24,24 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def rng_entries(world: World, device: torch.device) -> dict:
+    """A checkpoint's RNG entries: ``rng``, the streams of rank 0 (of the run, when alone), and
+    in a data-parallel run ``rng_by_rank``, every rank's (a collective: every rank calls it)."""
+    states = gather_objects(world, rng_state(device))
+    return {"rng": states[0], **({"rng_by_rank": states} if world.size > 1 else {})}
+
+
+def restore_rng(ckpt: dict, path: Path, world: World, device: torch.device) -> None:
+    """Put this rank's streams of ``ckpt`` (read from ``path``) back; a checkpoint of another
+    number of processes is refused (its ranks' streams and shards would not be this run's)."""
+    states = ckpt.get("rng_by_rank", [ckpt["rng"]])
+    if len(states) != world.size:
+        raise UsageError(f"cannot resume from {path}: it was written by a run of {len(states)} "
+                         f"process(es) and this one has {world.size}; resume it with "
+                         f"dist.nproc={len(states)}")
+    set_rng_state(states[world.rank], device)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:

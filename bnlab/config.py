@@ -2,9 +2,9 @@
 naming the key, the value and what is allowed, before any run dir is written.
 
 Hydra rejects unknown keys and options; every value is then checked here against a pydantic
-schema: the top-level keys (:class:`TrainConfig`), ``data`` and ``eval`` below, ``probe``
-(:class:`ProbeConfig`, made from the probes' declarations in ``bnlab.probes.config``), and the
-group options through their registered classes (``bnlab.registry``: ``model``, ``norm``,
+schema: the top-level keys (:class:`TrainConfig`), ``data``, ``eval`` and ``dist`` below (with
+the data-parallel world, :func:`bnlab.distributed.check_world`), ``probe`` (:class:`ProbeConfig`,
+made from the probes' declarations in ``bnlab.probes.config``), and the group options through their registered classes (``bnlab.registry``: ``model``, ``norm``,
 ``optim``, ``sched``). Finally the model is built on the meta device (no memory, no compute),
 so a norm that does not fit a model's slots (e.g. ``norm.num_groups`` not dividing a width)
 and a ``probe.layers`` entry that names no slot of the model also fail before training.
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import Field, model_validator
 
 from bnlab import models, norms, optim  # noqa: F401  (registers the group options)
+from bnlab.distributed import check_world
 from bnlab.models import find_slots
 from bnlab.probes.config import validate_probe_cfg, watched_layers
 from bnlab.registry import Option, Schema, build, check
@@ -84,6 +85,11 @@ class Synthetic(DataOption):
     name: Literal["synthetic"] = "synthetic"
 
 
+class DistConfig(Schema):
+    nproc: int = Field(ge=1, description="processes of a data-parallel (DDP) run on this "
+                       "machine, started through torch's elastic launcher; 1: one process")
+
+
 class EvalConfig(Schema):
     precise_bn_batches: int = Field(
         ge=0, description="training batches from which Precise BN re-estimates the norm "
@@ -98,7 +104,10 @@ def validate(cfg: DictConfig) -> None:
         build(group, cfg[group])
     check(EvalConfig, cfg.eval, "eval")
     probe = validate_probe_cfg(cfg.probe)
+    check(DistConfig, cfg.dist, "dist")
     model, norm = build("model", cfg.model), build("norm", cfg.norm)
+    check_world(cfg.batch_size, cfg.dist.nproc,
+                norm.name if norm.per_process_batch else None)  # type: ignore[attr-defined]
     with torch.device("meta"):  # construction errors of the norm in this model's slots
         built = model.build(norm)  # type: ignore[attr-defined]
     watched_layers(probe.layers, find_slots(built))  # positions of this model only

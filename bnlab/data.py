@@ -287,18 +287,27 @@ def steps_per_epoch(data: Dataset, batch_size: int) -> int:
     return len(data.train) // batch_size
 
 
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """The ``rank``-th of ``world_size`` consecutive, near-equal parts of ``range(n)``."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 def train_batches(data: Dataset, batch_size: int, seed: int, epoch: int, start: int,
-                  first_step: int, aug: DictConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  first_step: int, aug: DictConfig, rank: int = 0, world_size: int = 1
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches ``start, start+1, …`` of epoch ``epoch``; ``first_step`` is the global step of
-    batch ``start`` (it seeds that batch's augmentation)."""
+    batch ``start`` (it seeds that batch's augmentation). In a data-parallel run each process
+    gets its ``rank``-th shard of every batch, of the very images and augmentation one process
+    would draw (the whole batch is augmented, a cheap uint8 gather, then cut)."""
     device = data.train.labels.device
     gen = _generator(device, seed, epoch)
     order = torch.randperm(len(data.train), device=device, generator=gen)
+    part = shard(batch_size, rank, world_size)
     for i in range(start, steps_per_epoch(data, batch_size)):
         idx = order[i * batch_size:(i + 1) * batch_size]
         gen = _generator(device, seed, -1, first_step + i - start)
-        images = augment(data.train.images[idx], gen, aug.crop, aug.flip)
-        yield normalize(images, data.mean, data.std), data.train.labels[idx]
+        images = augment(data.train.images[idx], gen, aug.crop, aug.flip)[part]
+        yield normalize(images, data.mean, data.std), data.train.labels[idx][part]
 
 
 def probe_batch(data: Dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,8 +317,10 @@ def probe_batch(data: Dataset, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return normalize(split.images, data.mean, data.std), split.labels
 
 
-def eval_batches(data: Dataset, split: Split, batch_size: int
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for i in range(0, len(split), batch_size):
-        images = split.images[i:i + batch_size]
-        yield normalize(images, data.mean, data.std), split.labels[i:i + batch_size]
+def eval_batches(data: Dataset, split: Split, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``split`` in batches, or in a data-parallel run this process's ``rank``-th part of it."""
+    part = shard(len(split), rank, world_size)
+    for i in range(part.start, part.stop, batch_size):
+        end = min(i + batch_size, part.stop)
+        yield normalize(split.images[i:end], data.mean, data.std), split.labels[i:end]

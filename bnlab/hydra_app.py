@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from bnlab.errors import UsageError
@@ -99,17 +99,39 @@ class RunDirGuard(Callback):
         self.command = COMMANDS[command]
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
-        from bnlab.rundir import HELD_LOCK
+        """In a data-parallel job every rank checks the config, rank 0 alone the run dir (and
+        holds its lock), and all fail alike; every rank takes rank 0's run dir (each resolves
+        ``${now:...}`` on its own). ``dist.nproc`` > 1 in a single process hands over to
+        torch's elastic launcher, whose processes then run this job."""
+        from bnlab import distributed
+        from bnlab.rundir import HELD_LOCK, run_dir_lock
 
-        run_dir = Path(config.hydra.run.dir)
+        world = distributed.start()
+        run_dir = Path(distributed.broadcast(world, str(config.hydra.run.dir)))
+        error = None
         try:  # the checks that need no run dir come first, so a mistake leaves none behind
             check_job(self.command, config)
-            check_writable(run_dir)
-            HELD_LOCK.take(run_dir)  # released when the run ends
-            self.command.call("check_run_dir", config, run_dir)
+            nproc = OmegaConf.select(config, "dist.nproc", default=1)
+            if world.size == 1 and nproc > 1:  # checked here, run by the launched processes
+                check_writable(run_dir)
+                self.command.call("check_run_dir", config, run_dir)
+                with run_dir_lock(run_dir):  # not in use by another run either
+                    pass
+                raise SystemExit(distributed.hand_over(nproc, _with_run_dir(sys.argv[1:],
+                                                                             run_dir)))
+            if world.main:
+                check_writable(run_dir)
+                HELD_LOCK.take(run_dir)  # released when the run ends
+                self.command.call("check_run_dir", config, run_dir)
+        except UsageError as e:
+            error = e
+        try:
+            distributed.agree(world, error)
         except UsageError as e:
             HELD_LOCK.release()
             fail(e)  # Hydra turns a callback's exceptions into warnings; SystemExit stops it
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = str(run_dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: object) -> None:
         from bnlab.rundir import HELD_LOCK
@@ -117,11 +139,23 @@ class RunDirGuard(Callback):
         HELD_LOCK.release()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: object) -> None:
+        from bnlab import distributed
+
+        world = distributed.start()  # (a sweep under torchrun: every rank runs every job)
+        sweep_dir = distributed.broadcast(world, str(config.hydra.sweep.dir))
+        error = None
         try:
             check_sweep_jobs(self.command, config)
-            check_writable(Path(config.hydra.sweep.dir))
+            if world.main:
+                check_writable(Path(sweep_dir))
         except USER_ERRORS as e:
+            error = UsageError(one_line(e))
+        try:
+            distributed.agree(world, error)
+        except UsageError as e:
             fail(e)
+        with read_write(config.hydra.sweep):
+            config.hydra.sweep.dir = sweep_dir
 
     def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
         sweep = config.hydra.sweep.dir
@@ -211,24 +245,42 @@ def check_writable(folder: Path) -> None:
                          "hydra.run.dir / hydra.sweep.dir") from None
 
 
-def _default_threads() -> int | None:
-    """Under a parallel launcher, give each job its share of the cores so jobs do not fight."""
+def _default_threads(world_local_size: int) -> int | None:
+    """Under a parallel launcher, or with several processes of a data-parallel job on this
+    machine, give each its share of the cores so they do not fight."""
     launcher = HydraConfig.get().launcher
     n_jobs = launcher.get("n_jobs") if "Joblib" in str(launcher.get("_target_", "")) else None
     if not n_jobs or n_jobs < 1:
-        return None
-    return max(1, (os.cpu_count() or 1) // n_jobs)
+        n_jobs = world_local_size
+    return max(1, (os.cpu_count() or 1) // n_jobs) if n_jobs > 1 else None
 
 
-def _job(name: str, cfg: DictConfig) -> dict:
-    """One job of command ``name``: process setup, the run, the closing summary."""
-    from bnlab.rundir import HELD_LOCK
+def _with_run_dir(args: list[str], run_dir: Path) -> list[str]:
+    """``args`` with ``hydra.run.dir`` set to ``run_dir`` (for the launched processes)."""
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    return [a for a in args if not a.startswith("hydra.run.dir=")] + [
+        f"hydra.run.dir='{quoted}'"]
+
+
+def _job(name: str, cfg: DictConfig) -> dict | None:
+    """One job of command ``name``: process setup, the run, the closing summary. A sweep's job
+    with ``dist.nproc`` > 1 hands over to torch's elastic launcher (in its job dir)."""
+    from bnlab import distributed
+    from bnlab.rundir import HELD_LOCK, read_metrics
     from bnlab.runtime import setup_process
 
     command = COMMANDS[name]
+    world = distributed.start()
     if cfg.threads is None:
-        cfg.threads = _default_threads()
+        cfg.threads = _default_threads(world.local_size)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    nproc = OmegaConf.select(cfg, "dist.nproc", default=1)
+    if world.size == 1 and nproc > 1:
+        task = list(HydraConfig.get().overrides.task)
+        code = distributed.hand_over(nproc, _with_run_dir(task, run_dir))
+        if code:
+            raise SystemExit(code)
+        return read_metrics(run_dir)
     try:
         setup_process(cfg)
         return command.call("run", cfg, run_dir, HELD_LOCK.holds(run_dir))
@@ -236,8 +288,9 @@ def _job(name: str, cfg: DictConfig) -> dict:
         # Leave the job as SystemExit: Hydra would add its own "Error executing job" line.
         fail(e)
     finally:
-        for line in command.call("summary", run_dir):
-            typer.echo(line)
+        if world.main:
+            for line in command.call("summary", run_dir):
+                typer.echo(line)
 
 
 @hydra.main(config_path="pkg://bnlab.configs", config_name="train", version_base="1.3")
@@ -257,6 +310,11 @@ def run_command(name: str, args: list[str]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     os.environ[ONE_LINE_ERRORS] = "0" if full_error else "1"
     argv = sys.argv
+    launched = os.environ.get("WORLD_SIZE", "1") != "1"  # a rank of torchrun's job
+    if launched:
+        from bnlab import distributed
+
+        args = [*args, *distributed.rank_overrides(distributed.env_world())]
     try:
         sys.argv = [f"bnlab {name}", *args]  # where hydra.main reads them
         ENTRIES[name]()
@@ -268,6 +326,8 @@ def run_command(name: str, args: list[str]) -> None:
         from bnlab.rundir import HELD_LOCK
 
         HELD_LOCK.release()
+        if launched:
+            distributed.finish()
         sys.argv = argv
         for key, value in saved.items():
             if value is None:

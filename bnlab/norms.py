@@ -63,6 +63,9 @@ class NormOption(Option):
             raise PydanticCustomError("norm_option", "not a norm option ({names})",
                                       {"names": ", ".join(names)})
         return rest
+    # Normalizes with the statistics of its own process's batch in training (so in a DDP run
+    # every process needs a batch of 2 or more).
+    per_process_batch: ClassVar[bool] = True
 
     def __call__(self, num_features: int, dims: int) -> nn.Module:
         slot = self.layer(num_features, dims)
@@ -122,6 +125,7 @@ class Sync(BatchNormOption):
 
     name: Literal["sync"] = "sync"
     classes = ("bnlab.nn.SyncBatchNorm", "bnlab.nn.SyncBatchNorm")
+    per_process_batch = False
 
 
 class Torch(BatchNormOption):
@@ -140,6 +144,7 @@ class NoNorm(NormOption):
     eps: Eps
     momentum: Momentum
     fast_path = False
+    per_process_batch = False
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
         return nn.Identity()
@@ -208,6 +213,7 @@ class Group(NormOption):
 
     name: Literal["group"] = "group"
     eps: Eps
+    per_process_batch = False
     num_groups: int = Field(ge=1, description="groups of channels; must divide every slot's "
                             "channels")
 
@@ -224,6 +230,7 @@ class Layer(NormOption):
 
     name: Literal["layer"] = "layer"
     eps: Eps
+    per_process_batch = False
 
     def layer(self, num_features: int, dims: int) -> nn.Module:
         return get_class("bnlab.nn.GroupNorm")(1, num_features, eps=self.eps, fast=self.fast)

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
+from bnlab.distributed import World, gather_objects
 from bnlab.nn.functional import batch_stats, unbiased_variance
 from bnlab.nn.stats import batch_statistics_layers, statistics_of
 from bnlab.probes.readonly import fixed_rng
@@ -60,6 +61,10 @@ class _Moments:
             scatter_b = centred.T @ centred
         else:
             scatter_b = var_b * n_b
+        self.merge(n_b, mean_b, scatter_b)
+
+    def merge(self, n_b: int, mean_b: Tensor, scatter_b: Tensor) -> None:
+        """Add the moments of another set of ``n_b`` values."""
         if self.mean is None or self.scatter is None:
             self.n, self.mean, self.scatter = n_b, mean_b, scatter_b
             return
@@ -78,13 +83,18 @@ class _Moments:
         return unbiased_variance(self.scatter / self.n, self.n)
 
 
+Pool = Callable[[dict[str, "_Moments"]], None]
+
+
 @torch.no_grad()
-def precise_bn_copy(model: nn.Module, batches: Iterable[Tensor], num_batches: int
-                    ) -> nn.Module:
+def precise_bn_copy(model: nn.Module, batches: Iterable[Tensor], num_batches: int,
+                    pool: Pool | None = None) -> nn.Module:
     """A deep copy of ``model`` whose norm layers' running statistics are the exact population
     statistics of their inputs over the first ``num_batches`` of ``batches`` (input tensors,
     on the model's device, in its memory format); see the module docstring. Runs under
-    whatever autocast the caller has. Raises ValueError when ``batches`` yields nothing."""
+    whatever autocast the caller has. Raises ValueError when ``batches`` yields nothing.
+    ``pool`` (a data-parallel run, where ``batches`` are this process's shards) merges each
+    layer's moments, in place, with every other process's (:func:`pool_over_ranks`)."""
     inputs = itertools.islice(batches, num_batches)
     first = next(inputs, None)
     if first is None:
@@ -112,9 +122,29 @@ def precise_bn_copy(model: nn.Module, batches: Iterable[Tensor], num_batches: in
             m.training = training
     for buffer, value in buffers:  # what the train-mode forwards moved (counters too)
         buffer.copy_(value)
+    if pool is not None:
+        pool(moments)
     for name, layer_stats in stats.items():
         acc = moments[name]
         if acc.n:  # else the forward never reached it: nothing to estimate from
             assert acc.mean is not None and layer_stats is not None
             layer_stats.load_population_statistics(acc.mean, acc.covariance())
     return twin
+
+
+def pool_over_ranks(world: World) -> Pool:
+    """The ``pool`` of a data-parallel run: every rank's moments, gathered and merged in rank
+    order, so that each rank ends with the same statistics of all ranks' values."""
+
+    def pool(moments: dict[str, _Moments]) -> None:
+        # (on the CPU while gathered: a CUDA tensor would unpickle onto its sender's device)
+        local = {name: (m.n, m.mean.cpu(), m.scatter.cpu()) for name, m in moments.items()
+                 if m.mean is not None and m.scatter is not None}
+        device = next((m.mean.device for m in moments.values() if m.mean is not None), None)
+        for m in moments.values():
+            m.n, m.mean, m.scatter = 0, None, None
+        for gathered in gather_objects(world, local):
+            for name, (n, mean, scatter) in gathered.items():
+                moments[name].merge(n, mean.to(device), scatter.to(device))
+
+    return pool

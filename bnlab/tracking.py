@@ -77,3 +77,30 @@ class Tracker:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+
+
+class NullTracker(Tracker):
+    """The tracker of a data-parallel run's ranks other than 0: it writes nothing (rank 0 logs
+    for the job)."""
+
+    def __init__(self) -> None:  # no writer
+        pass
+
+    def scalars(self, values: Mapping[str, torch.Tensor | float], step: int) -> None:
+        pass
+
+    def histograms(self, values: Mapping[str, torch.Tensor], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def layout(self, layers: list[str]) -> None:
+        pass
+
+    def hparams(self, params: Mapping[str, object], metrics: Mapping[str, float],
+                step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
-from bnlab.config import EvalConfig, TrainConfig, validate
+from bnlab.config import DistConfig, EvalConfig, TrainConfig, validate
 from bnlab.errors import UsageError
 from bnlab.probes.config import ProbeConfig
 from bnlab.registry import GROUPS, REGISTRY, Schema, option_names
@@ -122,7 +122,8 @@ def out_of_range(ann: typing.Any, metadata: list) -> list[object]:
 def cases() -> Iterator[tuple[list[str], str, object]]:
     """(overrides selecting the option, full key, bad value) for every key of every schema."""
     schemas: list[tuple[list[str], type[BaseModel], str]] = [
-        ([], TrainConfig, ""), ([], EvalConfig, "eval."), ([], ProbeConfig, "probe.")]
+        ([], TrainConfig, ""), ([], EvalConfig, "eval."), ([], ProbeConfig, "probe."),
+        ([], DistConfig, "dist.")]
     for group in GROUPS:
         for name, cls in REGISTRY[group].items():
             schemas.append(([f"{group}={name}"], cls, f"{group}."))
