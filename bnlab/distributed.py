@@ -3,9 +3,10 @@ collective a run makes besides DDP's gradient all_reduce and SyncBatchNorm's sta
 
 Launching is torch's elastic launcher's job (``torchrun --standalone --nproc_per_node=N -m
 bnlab.cli train ...``, or ``bnlab train dist.nproc=N``, which hands over to it:
-:func:`hand_over`), or SLURM's through submitit (:mod:`bnlab.launchers`: one rank per task).
-Each process reads its place from its launcher's environment (:func:`env_world`) and joins the
-process group (:func:`start`): gloo for CPU tensors, plus NCCL for CUDA tensors where CUDA is.
+:func:`hand_over`), or SLURM's (``hydra/launcher=slurm``: a sweep point of several tasks is one
+job, one rank per task). Each process reads its place from its launcher's environment
+(:func:`env_world`) and joins the process group (:func:`start`): gloo for CPU tensors, plus
+NCCL for CUDA tensors where CUDA is.
 
 The rules of a run of several processes (one process is the plain run, untouched):
 
@@ -72,8 +73,17 @@ ALONE = World()  # a run of one process
 
 
 def env_world() -> World:
-    """The world a launcher put this process in (torchrun's and submitit's ``RANK``,
-    ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); ``World()`` when alone."""
+    """The world a launcher put this process in (torchrun's ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); ``World()`` when alone. A task of a submitit (SLURM)
+    job of several tasks first exports those from submitit's view of SLURM: ``MASTER_ADDR``
+    the first node, ``MASTER_PORT`` from the job id, ``RANK`` = ``SLURM_PROCID``, ``WORLD_SIZE``
+    = ``SLURM_NTASKS``, ``LOCAL_RANK`` = ``SLURM_LOCALID`` (``TorchDistributedEnvironment``)."""
+    if "WORLD_SIZE" not in os.environ and "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            # (CUDA_VISIBLE_DEVICES is SLURM's business: each rank takes its local rank's GPU)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
@@ -100,6 +110,16 @@ def finish() -> None:
 def rank_overrides(world: World) -> list[str]:
     """Hydra overrides for this rank: none on rank 0, :data:`QUIET_RANK_OVERRIDES` elsewhere."""
     return [] if world.main else list(QUIET_RANK_OVERRIDES)
+
+
+def quiet_logging() -> None:
+    """Rank 0 logs for the job: a rank whose Hydra set up logging (a SLURM task's; torchrun's
+    ranks get :data:`QUIET_RANK_OVERRIDES`) drops its log file and its INFO lines."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.WARNING)
 
 
 def threads_per_process(world: World) -> int | None:

@@ -271,6 +271,8 @@ def _job(name: str, cfg: DictConfig) -> dict | None:
 
     command = COMMANDS[name]
     world = distributed.start()
+    if not world.main:
+        distributed.quiet_logging()
     if cfg.threads is None:
         cfg.threads = _default_threads(world.local_size)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
