@@ -164,6 +164,12 @@ BAD_INPUTS = [
     (["resume=true", "overwrite=true"], r"resume=true and overwrite=true contradict"),
     (["norm=group", "norm.num_groups=3"], r"norm.num_groups=3 does not divide a norm slot of 4"),
     (["norm=evonorm_s0", "norm.groups=3"], r"norm.groups=3 does not divide a norm slot of 4"),
+    # refused before any process is launched
+    (["dist.nproc=0"], r"dist.nproc=0 is invalid: input should be greater than or equal to 1"),
+    (["dist.nproc=3"], r"batch_size=10 is not divisible by dist.nproc=3: every process gets"),
+    (["dist.nproc=11"], r"dist.nproc=11 is larger than batch_size=10: every process needs"),
+    (["dist.nproc=10"], r"batch_size=10 over 10 processes gives each 1 sample, and "
+                        r"norm=custom normalizes each process's batch on its own"),
 ]
 
 
