@@ -148,10 +148,11 @@ class RunDirGuard(Callback):
             check_sweep_jobs(self.command, config)
             if world.main:
                 check_writable(Path(sweep_dir))
-        except USER_ERRORS as e:
-            error = UsageError(one_line(e))
+        except USER_ERRORS as e:  # (one line to share with the other ranks)
+            error = e if world.size == 1 or isinstance(e, UsageError) else UsageError(
+                one_line(e))
         try:
-            distributed.agree(world, error)
+            distributed.agree(world, error)  # type: ignore[arg-type]
         except UsageError as e:
             fail(e)
         with read_write(config.hydra.sweep):
@@ -296,7 +297,7 @@ def _job(name: str, cfg: DictConfig) -> dict | None:
 
 
 @hydra.main(config_path="pkg://bnlab.configs", config_name="train", version_base="1.3")
-def _train_job(cfg: DictConfig) -> dict:
+def _train_job(cfg: DictConfig) -> dict | None:
     return _job("train", cfg)
 
 
