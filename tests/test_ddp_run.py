@@ -183,6 +183,7 @@ def test_bad_input_is_refused_on_every_rank_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_run_dir_in_use_is_refused_before_any_process_starts(tmp_path: Path,
                                                                monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -43,7 +43,8 @@ does, with an all_gather) sends ``world_size`` times as much.
 The global count is read on the host once per layer and step, so that a whole batch of one
 value per channel raises BN's ``ValueError`` on every process (none is left waiting in a
 collective) and an all-empty batch gives BN's empty output. On CUDA that read is a device
-sync, as in torch's SyncBatchNorm (its mask of empty shards).
+sync, as in torch's SyncBatchNorm (its mask of empty shards). Under ``torch.compile`` the
+synchronized forward runs eagerly (the rest of the model is compiled around it).
 
 Without communication, the layer is BatchNorm (:func:`bnlab.nn.batchnorm.batch_norm`): in
 eval mode (running statistics; with ``track_running_stats=False`` each process's own batch
@@ -179,6 +180,9 @@ class _SyncBatchNormFn(Function):
         return (*requested_grads(ctx, *grads), None, None, None, None, None)
 
 
+# Collectives and the host read of the count: run eagerly under torch.compile (which would
+# break its graph here anyway, with a warning per layer).
+@torch.compiler.disable
 def sync_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
