@@ -4,8 +4,8 @@ naming the key, the value and what is allowed, before any run dir is written.
 Hydra rejects unknown keys and options; every value is then checked here against a pydantic
 schema: the top-level keys (:class:`TrainConfig`), ``data``, ``eval`` and ``dist`` below (with
 the data-parallel world, :func:`bnlab.distributed.check_world`), ``probe`` (:class:`ProbeConfig`,
-made from the probes' declarations in ``bnlab.probes.config``), and the group options through their registered classes (``bnlab.registry``: ``model``, ``norm``,
-``optim``, ``sched``). Finally the model is built on the meta device (no memory, no compute),
+made from the probes' declarations in ``bnlab.probes.config``), and the group options through
+their registered classes (``bnlab.registry``: ``model``, ``norm``, ``optim``, ``sched``). Finally the model is built on the meta device (no memory, no compute),
 so a norm that does not fit a model's slots (e.g. ``norm.num_groups`` not dividing a width)
 and a ``probe.layers`` entry that names no slot of the model also fail before training.
 """
@@ -22,7 +22,7 @@ from bnlab import models, norms, optim  # noqa: F401  (registers the group optio
 from bnlab.distributed import check_world
 from bnlab.models import find_slots
 from bnlab.probes.config import validate_probe_cfg, watched_layers
-from bnlab.registry import Option, Schema, build, check
+from bnlab.registry import Option, Schema, build, check, load_option
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -106,8 +106,11 @@ def validate(cfg: DictConfig) -> None:
     probe = validate_probe_cfg(cfg.probe)
     check(DistConfig, cfg.dist, "dist")
     model, norm = build("model", cfg.model), build("norm", cfg.norm)
-    check_world(cfg.batch_size, cfg.dist.nproc,
-                norm.name if norm.per_process_batch else None)  # type: ignore[attr-defined]
+    assert isinstance(norm, norms.NormOption)
+    # (a norm in some slots, norm.rest in the others: both normalize under DDP)
+    placed = [norm] if norm.slots == "all" else [norm, load_option("norm", norm.rest)]
+    check_world(cfg.batch_size, cfg.dist.nproc, next(
+        (n.name for n in placed if n.per_process_batch), None))  # type: ignore[attr-defined]
     with torch.device("meta"):  # construction errors of the norm in this model's slots
         built = model.build(norm)  # type: ignore[attr-defined]
     watched_layers(probe.layers, find_slots(built))  # positions of this model only
