@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import pickle
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 TIMEOUT = datetime.timedelta(seconds=60)  # of every collective: a mismatch fails, not hangs
-
-Check = Callable[[int, int], None]  # (rank, world_size) -> None; raises on failure
 
 
 def _worker(rank: int, world_size: int, folder: str, module: str, names: list[str]) -> None:
@@ -47,8 +44,9 @@ def _worker(rank: int, world_size: int, folder: str, module: str, names: list[st
 
 def run_checks(module: str, names: list[str], folder: Path, world_size: int = 2
                ) -> list[dict[str, Any]]:
-    """Run ``module.CHECKS[name]`` for each of ``names`` on every rank of a new gloo group of
-    ``world_size`` spawned processes; returns each rank's ``{name: None | traceback}``."""
+    """Run ``module.CHECKS[name](rank, world_size)`` for each of ``names`` on every rank of a new
+    gloo group of ``world_size`` spawned processes; returns each rank's ``{name: None |
+    traceback}``."""
     folder.mkdir(parents=True, exist_ok=True)
     mp.start_processes(_worker, args=(world_size, str(folder), module, names),
                        nprocs=world_size, join=True, start_method="spawn")
