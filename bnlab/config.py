@@ -5,9 +5,10 @@ Hydra rejects unknown keys and options; every value is then checked here against
 schema: the top-level keys (:class:`TrainConfig`), ``data``, ``eval`` and ``dist`` below (with
 the data-parallel world, :func:`bnlab.distributed.check_world`), ``probe`` (:class:`ProbeConfig`,
 made from the probes' declarations in ``bnlab.probes.config``), and the group options through
-their registered classes (``bnlab.registry``: ``model``, ``norm``, ``optim``, ``sched``). Finally the model is built on the meta device (no memory, no compute),
-so a norm that does not fit a model's slots (e.g. ``norm.num_groups`` not dividing a width)
-and a ``probe.layers`` entry that names no slot of the model also fail before training.
+their registered classes (``bnlab.registry``: ``model``, ``norm``, ``optim``, ``sched``).
+Finally the model is built on the meta device (no memory, no compute), so a norm that does not
+fit a model's slots (e.g. ``norm.num_groups`` not dividing a width) and a ``probe.layers`` entry
+that names no slot of the model also fail before training.
 """
 
 from __future__ import annotations
