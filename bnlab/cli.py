@@ -1,9 +1,9 @@
-"""The ``bnlab`` command: ``train`` (a Hydra app, see :mod:`bnlab.hydra_app`), ``compare``,
-``plot`` and ``curvature``.
+"""The ``bnlab`` command: ``train`` and ``signal`` (Hydra apps, see :mod:`bnlab.hydra_app`),
+``compare``, ``plot`` and ``curvature``.
 
-``bnlab train`` hands its arguments to Hydra untouched. User mistakes — a bad override, an
-unknown config option, missing data, a path that is not a run dir — end in one ``error: ...``
-line and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
+``bnlab train`` and ``bnlab signal`` hand their arguments to Hydra untouched. User mistakes — a
+bad override, an unknown config option, missing data, a path that is not a run dir — end in one
+``error: ...`` line and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -39,11 +39,32 @@ Hydra's own flags (--cfg, --info, --hydra-help, -m, --multirun, ...) work as usu
     groups="; ".join(f"{g} ({', '.join(option_names(g))})" for g in
                      ("data", "model", "norm", "optim", "sched", "probe", "experiment")))
 
+SIGNAL_HELP = """Measure signal propagation at initialization, without training.
+
+Signal Propagation Plots per residual block, sample similarity and Gram rank per layer, and
+per-layer gradient norms with their fitted growth rate, over a few seeds and batches; writes
+signal.json and figures (spp.png, gram.png, gradients.png) to the run dir. Arguments are Hydra
+overrides, passed on as is (sweeps with -m, as for train).
+
+\b
+Examples:
+  bnlab signal data.root=../shared/data/cifar10-subset model=resnet20
+  bnlab signal -m data=synthetic model=cnn model.depth=1,2,4 norm=custom,none,layer
+  bnlab signal signal.checkpoint=outputs/runs/<time> model=resnet20   (a trained run's weights)
+  bnlab signal signal.seeds=5 signal.batches=4 signal.samples=32 batch_size=64
+
+\b
+Config groups: {groups}.
+Keys: seed, batch_size, device, threads, channels_last, deterministic, overwrite,
+signal.seeds, signal.batches, signal.samples, signal.checkpoint. See README.md.""".format(
+    groups="; ".join(f"{g} ({', '.join(option_names(g))})" for g in ("data", "model", "norm")))
+
 app = typer.Typer(
     help="bnlab: study internal covariate shift and batch normalization on CIFAR-10.\n\n"
-    "train runs experiments (Hydra overrides, sweeps with -m), compare summarizes sweeps, "
-    "plot draws activation-distribution, gradient, drift and ICS figures, curvature measures "
-    "a checkpoint's Hessian.",
+    "train runs experiments (Hydra overrides, sweeps with -m), signal measures signal "
+    "propagation at initialization, compare summarizes sweeps, plot draws activation-"
+    "distribution, gradient, drift and ICS figures (and overlays signal runs), curvature "
+    "measures a checkpoint's Hessian.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
@@ -75,6 +96,12 @@ def train(ctx: typer.Context) -> None:
     except UsageError as e:
         fail(e)
     run_command("train", args)
+
+
+@app.command(help=SIGNAL_HELP, context_settings={"allow_extra_args": True,
+                                                 "ignore_unknown_options": True})
+def signal(ctx: typer.Context) -> None:
+    run_command("signal", list(ctx.args))
 
 
 @app.command()

@@ -106,12 +106,19 @@ def validate(cfg: DictConfig) -> None:
     check(EvalConfig, cfg.eval, "eval")
     probe = validate_probe_cfg(cfg.probe)
     check(DistConfig, cfg.dist, "dist")
-    model, norm = build("model", cfg.model), build("norm", cfg.norm)
+    norm = build("norm", cfg.norm)
     assert isinstance(norm, norms.NormOption)
     # (a norm in some slots, norm.rest in the others: both normalize under DDP)
     placed = [norm] if norm.slots == "all" else [norm, load_option("norm", norm.rest)]
     check_world(cfg.batch_size, cfg.dist.nproc, next(
         (n.name for n in placed if n.per_process_batch), None))  # type: ignore[attr-defined]
-    with torch.device("meta"):  # construction errors of the norm in this model's slots
-        built = model.build(norm)  # type: ignore[attr-defined]
+    built = meta_model(cfg)
     watched_layers(probe.layers, find_slots(built))  # positions of this model only
+
+
+def meta_model(cfg: DictConfig) -> torch.nn.Module:
+    """The model of ``cfg.model`` with ``cfg.norm`` in its slots, built on the meta device (no
+    memory, no compute): a norm that does not fit the model's slots fails here, in one line."""
+    model, norm = build("model", cfg.model), build("norm", cfg.norm)
+    with torch.device("meta"):
+        return model.build(norm)  # type: ignore[attr-defined]

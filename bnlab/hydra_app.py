@@ -66,6 +66,10 @@ class Command:
 COMMANDS = {
     "train": Command(validate="bnlab.config:validate", check_run_dir="bnlab.rundir:check_train_dir",
                      run="bnlab.train:run", summary="bnlab.rundir:train_summary"),
+    "signal": Command(validate="bnlab.signal.command:validate",
+                      check_run_dir="bnlab.signal.command:check_signal_dir",
+                      run="bnlab.signal.command:run",
+                      summary="bnlab.signal.command:signal_summary"),
 }
 
 
@@ -301,7 +305,12 @@ def _train_job(cfg: DictConfig) -> dict | None:
     return _job("train", cfg)
 
 
-ENTRIES = {"train": _train_job}
+@hydra.main(config_path="pkg://bnlab.configs", config_name="signal", version_base="1.3")
+def _signal_job(cfg: DictConfig) -> dict:
+    return _job("signal", cfg)
+
+
+ENTRIES = {"train": _train_job, "signal": _signal_job}
 
 
 def run_command(name: str, args: list[str]) -> None:

@@ -1,0 +1,152 @@
+r"""The measures of signal propagation and scale invariance, as plain functions of tensors.
+
+Each takes what a hook or an optimizer step hands it and returns 0-d tensors (no host sync);
+the signal command (:mod:`bnlab.signal.collect`) and the ``gram/`` and ``scale/`` probes call
+the same functions, so a number means the same wherever it is logged.
+
+**Channel moments** (Brock et al. 2021, Fig. 1, "Signal Propagation Plots"). For an activation
+``x`` of shape (N, C, ...), per channel c over its N·H·W values: the mean μ_c and the biased
+variance σ²_c (``bnlab.nn.functional.batch_stats``, two-pass), then
+
+- ``mean_sq`` = mean_c μ_c², the average channel squared mean;
+- ``var``     = mean_c σ²_c, the average channel variance.
+
+**The sample Gram matrix** (Daneshmand et al. 2020; Lubana et al. 2021). Samples, not channels:
+row i of X ∈ R^{N×D} is sample i's whole representation, flattened (D = C·H·W), and
+x̂_i = x_i / ‖x_i‖ (a zero row stays zero: it has no direction). G = X̂ X̂ᵀ is the N×N matrix of
+cosine similarities, in float64, with eigenvalues λ_1 ≥ … ≥ λ_N ≥ 0 (clipped at 0: rounding can
+leave a singular G's smallest ones slightly negative). From it:
+
+- ``cos_sim``     = Σ_{i≠j} G_ij / (N(N − 1)), the mean cosine similarity of two different
+  samples: 0 for orthogonal representations, 1 when all samples point the same way;
+- ``stable_rank`` = ‖G‖_F² / ‖G‖₂² = Σ λ_i² / λ_1², between 1 (one direction) and N
+  (orthonormal samples). (Lubana et al.'s code reports tr G / ‖G‖₂ = Σ λ_i / λ_1, the stable
+  rank of X̂ rather than of G; both are 1 at collapse and N for orthonormal samples.);
+- ``erank``       = exp(−Σ p_i log p_i), p_i = λ_i / Σ λ_j, the effective rank (Roy &
+  Vetterli 2007), between 1 and N.
+
+All three are NaN when X holds a non-finite value or every row is zero.
+
+**Scale invariance** (van Laarhoven 2017; Li & Arora 2020; Wan et al. 2021). A weight w whose
+output feeds a batch-statistics norm gives the same network for every c·w, c > 0; SGD then moves
+it with the effective learning rate η/‖w‖². The angle it turns in one step, from w to w′, is
+
+    angle(w, w′) = 2·atan2(‖ŵ − ŵ′‖, ‖ŵ + ŵ′‖),  ŵ = w / ‖w‖,
+
+which equals arccos(⟨ŵ, ŵ′⟩) but keeps full precision for the small angles of one step (arccos
+is flat near 1). Under SGD with heavy-ball momentum α, weight decay λ and learning rate η, the
+angular update per step tends to the equilibrium √(2ηλ / (1 + α)) (Wan et al. 2021).
+
+**Growth with depth** (Yang et al. 2019). :func:`loglinear_fit` fits log y_l = a + b·l by least
+squares; for gradient norms against layer index l, e^{−b} is the factor by which the gradient
+grows per layer toward the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bnlab.nn.functional import batch_stats
+
+__all__ = [
+    "GRAM_MEASURES",
+    "LineFit",
+    "angle",
+    "channel_moments",
+    "equilibrium_angle",
+    "gram_measures",
+    "loglinear_fit",
+    "sample_gram",
+]
+
+GRAM_MEASURES = ("cos_sim", "stable_rank", "erank")
+
+
+def channel_moments(x: Tensor) -> dict[str, Tensor]:
+    """``mean_sq`` (mean_c μ_c²) and ``var`` (mean_c σ²_c) of an (N, C, ...) activation, in
+    float64."""
+    mean, var = batch_stats(x.detach())
+    return {"mean_sq": mean.double().square().mean(), "var": var.double().mean()}
+
+
+def sample_gram(x: Tensor, samples: int | None = None) -> Tensor:
+    """G = X̂ X̂ᵀ in float64 for the first ``samples`` samples of ``x`` (all when None): the
+    cosine similarity of every pair of samples' flattened representations."""
+    rows = x.detach()[:samples].reshape(min(len(x), samples or len(x)), -1)
+    if rows.device.type == "mps":  # no float64 on MPS
+        rows = rows.cpu()
+    rows = rows.double()
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    unit = rows / torch.where(norms > 0, norms, 1.0)  # a zero row stays zero
+    return unit @ unit.T
+
+
+def gram_measures(gram: Tensor) -> dict[str, Tensor]:
+    """``cos_sim``, ``stable_rank`` and ``erank`` of a sample Gram matrix (0-d float64)."""
+    n = gram.shape[0]
+    finite = gram.isfinite().all()
+    # eigvalsh fails on NaN; a finite stand-in keeps it going, and the result is NaN anyway
+    gram = torch.where(finite, gram, torch.eye(n, dtype=gram.dtype, device=gram.device))
+    off_diagonal = gram.sum() - gram.diagonal().sum()
+    cos_sim = off_diagonal / (n * (n - 1)) if n > 1 else torch.full_like(off_diagonal, math.nan)
+    eig = torch.linalg.eigvalsh(gram).clamp(min=0)
+    top = eig[-1]
+    stable_rank = eig.square().sum() / top.square()  # 0/0 = NaN when G = 0
+    p = eig / eig.sum()
+    erank = torch.exp(-torch.special.xlogy(p, p).sum())  # xlogy: 0·log 0 = 0
+    nan = torch.full((), math.nan, dtype=gram.dtype, device=gram.device)
+    measures = {"cos_sim": cos_sim, "stable_rank": stable_rank, "erank": erank}
+    return {k: torch.where(finite, v, nan) for k, v in measures.items()}
+
+
+def angle(before: Tensor, after: Tensor) -> Tensor:
+    """The angle in radians between two weight tensors (as flat vectors), in float64; NaN if
+    either is zero or non-finite."""
+    u, v = before.detach().reshape(-1).double(), after.detach().reshape(-1).double()
+    u_hat = u / torch.linalg.vector_norm(u)
+    v_hat = v / torch.linalg.vector_norm(v)
+    return 2 * torch.atan2(torch.linalg.vector_norm(u_hat - v_hat),
+                           torch.linalg.vector_norm(u_hat + v_hat))
+
+
+def equilibrium_angle(lr: float, weight_decay: float, momentum: float) -> float:
+    """√(2ηλ / (1 + α)): the angular update per step of a scale-invariant weight at equilibrium
+    under SGD with heavy-ball momentum α and weight decay λ (Wan et al. 2021)."""
+    return math.sqrt(2 * lr * weight_decay / (1 + momentum))
+
+
+@dataclass(frozen=True)
+class LineFit:
+    """log y = intercept + slope·x, by least squares over the points with finite log y."""
+
+    slope: float
+    intercept: float
+    r2: float  # the coefficient of determination of the fit in log space (NaN if y is flat)
+    points: int
+
+    @property
+    def growth_toward_input(self) -> float:
+        """e^{−slope}: the factor per unit of x by which y grows as x decreases."""
+        return math.exp(-self.slope)
+
+
+def loglinear_fit(x: list[float], y: list[float]) -> LineFit | None:
+    """The least-squares line through (x_i, log y_i) over points with y_i > 0 finite; None when
+    fewer than two distinct x remain."""
+    pairs = [(a, math.log(b)) for a, b in zip(x, y, strict=True)
+             if b is not None and math.isfinite(b) and b > 0]
+    if len({a for a, _ in pairs}) < 2:
+        return None
+    xs = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
+    ys = torch.tensor([b for _, b in pairs], dtype=torch.float64)
+    dx, dy = xs - xs.mean(), ys - ys.mean()
+    slope = float((dx * dy).sum() / dx.square().sum())
+    intercept = float(ys.mean() - slope * xs.mean())
+    residual = float((dy - slope * dx).square().sum())
+    total = float(dy.square().sum())
+    r2 = 1 - residual / total if total > 0 else math.nan
+    return LineFit(slope, intercept, r2, len(pairs))

@@ -1,0 +1,73 @@
+"""Where in a model the signal is measured: the norm slots, the residual blocks, and the layers
+whose weight gradients are taken, each with its depth index, found from the model's structure.
+
+- A **slot** (``bnlab.models.find_slots``) gives two positions: its input, the output of the
+  conv/linear layer that feeds it (``slot_input``, tagged with that layer's path), and its output,
+  the input to the nonlinearity (``slot_output``, tagged with the slot's path). Slot l (1-based,
+  forward order) has depth index l.
+- A **residual block** is a module whose output is act(branch(x) + shortcut(x)). It is found by
+  its parts: submodules named ``branch`` and ``shortcut`` (``model=resnet``), or, for
+  ``resnet20``'s ``bnlab.models.BasicBlock``, whose branch is not a module of its own, ``norm2``
+  (the branch's last module) and ``shortcut``. Its output is a ``block_output`` position; block b
+  (1-based, forward order) has depth index b.
+- The **gradient layers** are the slots' layers, weight ``<layer>.weight``, depth index l.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from bnlab.models import BasicBlock, find_slots
+
+KINDS = ("slot_input", "slot_output", "block_output")
+
+
+@dataclass(frozen=True)
+class Position:
+    """One measured activation: the output of module ``name``."""
+
+    name: str
+    kind: str   # one of KINDS
+    index: int  # depth index, 1-based, within its kind
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """A residual block at ``name``; ``branch`` and ``shortcut`` are the module paths whose
+    outputs are the residual branch's end and the skip path's output."""
+
+    name: str
+    branch: str
+    shortcut: str
+    index: int
+
+
+def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
+    """The model's residual blocks in module order (forward order for the models here)."""
+    found = []
+    for name, module in model.named_modules():
+        children = dict(module.named_children())
+        if "branch" in children and "shortcut" in children:
+            branch = "branch"
+        elif isinstance(module, BasicBlock):
+            branch = "norm2"
+        else:
+            continue
+        prefix = f"{name}." if name else ""
+        found.append(ResidualBlock(name, prefix + branch, prefix + "shortcut", len(found) + 1))
+    return found
+
+
+def positions(model: nn.Module) -> list[Position]:
+    """Every measured position: slot inputs and outputs, then block outputs."""
+    slots = find_slots(model)
+    return ([Position(s.layer, "slot_input", i) for i, s in enumerate(slots, 1)]
+            + [Position(s.norm, "slot_output", i) for i, s in enumerate(slots, 1)]
+            + [Position(b.name, "block_output", b.index) for b in residual_blocks(model)])
+
+
+def gradient_layers(model: nn.Module) -> list[str]:
+    """The weights whose gradient norms are taken, in depth order: each slot's layer's."""
+    return [f"{slot.layer}.weight" for slot in find_slots(model)]
