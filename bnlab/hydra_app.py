@@ -49,13 +49,15 @@ class Command:
     - ``check_run_dir(cfg, run_dir)``: refuse a run dir that holds a run this job must not
       clobber (``UsageError``);
     - ``run(cfg, run_dir, locked)``: the job (``locked``: the caller holds the run dir's lock);
-    - ``summary(run_dir)``: the lines printed when the job ends, however it ended.
+    - ``summary(run_dir)``: the lines printed when the job ends, however it ended;
+    - ``sweep_summary(sweep_dir)``: the lines printed when a sweep (``-m``) ends.
     """
 
     validate: str
     check_run_dir: str
     run: str
     summary: str
+    sweep_summary: str
 
     def call(self, part: str, *args: Any) -> Any:
         module, _, name = getattr(self, part).partition(":")
@@ -65,11 +67,13 @@ class Command:
 
 COMMANDS = {
     "train": Command(validate="bnlab.config:validate", check_run_dir="bnlab.rundir:check_train_dir",
-                     run="bnlab.train:run", summary="bnlab.rundir:train_summary"),
+                     run="bnlab.train:run", summary="bnlab.rundir:train_summary",
+                     sweep_summary="bnlab.rundir:train_sweep_summary"),
     "signal": Command(validate="bnlab.signal.command:validate",
                       check_run_dir="bnlab.signal.command:check_signal_dir",
                       run="bnlab.signal.command:run",
-                      summary="bnlab.signal.command:signal_summary"),
+                      summary="bnlab.signal.command:signal_summary",
+                      sweep_summary="bnlab.signal.command:signal_sweep_summary"),
 }
 
 
@@ -163,9 +167,8 @@ class RunDirGuard(Callback):
             config.hydra.sweep.dir = sweep_dir
 
     def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
-        sweep = config.hydra.sweep.dir
-        typer.echo(f"sweep done: {sweep}\n  compare: bnlab compare {sweep}   |   "
-                   f"tensorboard --logdir {sweep}")
+        for line in self.command.call("sweep_summary", Path(config.hydra.sweep.dir)):
+            typer.echo(line)
 
 
 def check_job(command: Command, config: DictConfig, here: bool = True) -> None:

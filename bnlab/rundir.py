@@ -5,6 +5,7 @@ lock that keeps two processes out of one run dir, and atomic writes.
 A run dir holds ``.hydra/`` (config, overrides, Hydra settings), ``metrics.json``, TensorBoard
 event files, ``checkpoint.pt`` and ``train.log``; with ``keep_epoch_checkpoints`` also
 ``checkpoints/epoch_NNN.pt``, and ``bnlab curvature`` adds ``curvature.json`` and its figure;
+a ``bnlab signal`` run dir holds ``.hydra/``, ``signal.json``, its figures and ``signal.log``;
 a sweep dir holds one run dir per job.
 """
 
@@ -30,6 +31,7 @@ METRICS = "metrics.json"
 CHECKPOINT = "checkpoint.pt"  # the latest one, which resume continues from
 EPOCH_CHECKPOINTS = "checkpoints"  # keep_epoch_checkpoints: one per epoch end (0: initial weights)
 CURVATURE = "curvature.json"  # bnlab curvature's measures
+SIGNAL = "signal.json"  # what bnlab signal writes instead of metrics.json (bnlab.signal.report)
 HYDRA_DIR = ".hydra"
 EVENT_GLOB = "events.out.tfevents.*"
 LOCK = ".bnlab.lock"  # held (flock) while a process works in the run dir
@@ -149,6 +151,12 @@ def kept_epochs(run_dir: Path) -> list[int]:
     names = (p.stem.removeprefix("epoch_") for p in (run_dir / EPOCH_CHECKPOINTS).glob(
         "epoch_*.pt"))
     return sorted(int(n) for n in names if n.isdigit())
+
+
+def train_sweep_summary(sweep_dir: Path) -> list[str]:
+    """The end of a ``bnlab train`` sweep: where it is and how to look at it."""
+    return [f"sweep done: {sweep_dir}",
+            f"  compare: bnlab compare {sweep_dir}   |   tensorboard --logdir {sweep_dir}"]
 
 
 def clear_run_outputs(run_dir: Path) -> None:

@@ -18,11 +18,10 @@ from bnlab.signal.measures import (
     channel_moments,
     equilibrium_angle,
     gram_measures,
-    loglinear_fit,
     sample_gram,
 )
 from bnlab.signal.positions import Position, gradient_layers, positions, residual_blocks
-from bnlab.signal.report import signal_document
+from bnlab.signal.report import loglinear_fit, signal_document
 
 E1, E2, E3 = torch.eye(3, dtype=torch.float64).unbind(0)
 

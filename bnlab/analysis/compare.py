@@ -10,7 +10,7 @@ from bnlab.analysis.events import read_events
 from bnlab.analysis.lr_figure import lr_figure
 from bnlab.analysis.output import check_writable, figure_bytes, figure_type, write_atomic
 from bnlab.analysis.runs import Run, find_run_dirs, load_run
-from bnlab.analysis.summary import Comparison, compare_runs, run_numbers
+from bnlab.analysis.summary import Comparison, compare_runs, run_numbers, signal_numbers
 from bnlab.analysis.tables import FORMATS, print_renderable, render, renderable
 from bnlab.errors import UsageError
 
@@ -24,16 +24,22 @@ def run_compare(
 
     The table goes to `out` (written atomically) or to stdout; the accuracy-vs-lr figure to
     `figure`, by default next to the table. Notes on what was written go to stderr, so that
-    stdout stays a clean CSV/JSON/markdown document.
+    stdout stays a clean CSV/JSON/markdown document. Runs of `bnlab signal` are compared among
+    themselves (their own columns, no lr figure), never mixed with training runs.
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of: {', '.join(FORMATS)}")
     run_dirs = find_run_dirs(paths)
     figure = figure or _default_figure(paths[0], out)
     kind = _check_outputs(out, figure)
-    comparison = compare_runs(*_read_runs(run_dirs))
-    fig = lr_figure(comparison)
+    runs, numbers = _read_runs(run_dirs)
+    comparison = compare_runs(runs, numbers, run_kind(runs))
     _write_table(comparison, fmt, out)
+    if comparison.kind == "signal":
+        print("Signal runs: no lr figure; overlay them with bnlab plot RUN_DIR ... --out FILE",
+              file=sys.stderr)
+        return
+    fig = lr_figure(comparison)
     if fig is None:
         print("No run recorded a positive learning rate: no lr figure written.", file=sys.stderr)
     else:
@@ -58,12 +64,26 @@ def _check_outputs(out: Path | None, figure: Path) -> str:
     return kind
 
 
+def run_kind(runs: list[Run]) -> str:
+    """``train`` or ``signal``: what the runs are; a mix is a usage error (their numbers are
+    different things)."""
+    kinds = {run.kind for run in runs}
+    if len(kinds) > 1:
+        signal = next(run.path for run in runs if run.kind == "signal")
+        train = next(run.path for run in runs if run.kind == "train")
+        raise UsageError(f"the paths hold both bnlab signal runs (e.g. {signal}) and training "
+                         f"runs (e.g. {train}); compare each kind on its own")
+    return kinds.pop() if kinds else "train"
+
+
 def _read_runs(run_dirs: list[Path]) -> tuple[list[Run], dict[Path, dict]]:
-    """Load every run; a finished run's events add its gradient, drift, ICS, whiteness and
-    statistics-mismatch numbers."""
+    """Load every run; a finished training run's events add its gradient, drift, ICS,
+    whiteness and statistics-mismatch numbers, a signal run's numbers are its summary."""
     runs, numbers = [], {}
     for run in map(load_run, run_dirs):
-        if run.finished:
+        if run.finished and run.kind == "signal":
+            numbers[run.path] = signal_numbers(run)
+        elif run.finished:
             try:
                 events = read_events(run.path, histograms=False)
             except UsageError as err:

@@ -1,5 +1,5 @@
 """`bnlab plot`: the training-dynamics figure of one or more runs, or a listing of what they
-logged."""
+logged; for `bnlab signal` runs, the overlay of their signal figures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from rich.table import Table
 from bnlab.analysis.curvature_figure import curvature_figure, read_curvature
 from bnlab.analysis.events import Events, Snapshot, read_events
 from bnlab.analysis.output import check_writable, figure_bytes, figure_type, write_atomic
-from bnlab.analysis.runs import event_files, is_run_dir, load_run, runs_under
+from bnlab.analysis.runs import Run, event_files, is_run_dir, load_run, runs_under
+from bnlab.analysis.summary import setting_keys, setting_of
 from bnlab.analysis.training_figure import (
     GRAD_TAG,
     LINE_ROWS,
@@ -53,7 +54,11 @@ def run_plot(
     for run_dir in run_dirs:
         _check_run_dir(run_dir)
     kind = None if list_only else _check_out(out)
-    runs = [RunData(load_run(d), read_events(d)) for d in run_dirs]
+    loaded = [load_run(d) for d in run_dirs]
+    if any(run.kind == "signal" for run in loaded):
+        _plot_signal(loaded, out, kind, list_only, bool(layers or steps))
+        return
+    runs = [RunData(run, read_events(run.path)) for run in loaded]
     if list_only:
         for data in runs:
             print_listing(data)
@@ -69,6 +74,38 @@ def run_plot(
         raise UsageError(f"nothing to plot: the runs logged none of {ACT}, {GRAD_TAG}, "
                          f"{', '.join(groups)} (were the probes off?)")
     write_atomic(out, figure_bytes(training_figure(runs, chosen, rows), kind))
+    print(f"Wrote figure: {out}", file=sys.stderr)
+
+
+def _plot_signal(runs: list[Run], out: Path | None, kind: str | None, list_only: bool,
+                 selected: bool) -> None:
+    """The overlay of signal runs (bnlab.signal.figures), one colour per run, labelled by the
+    settings that differ between them."""
+    from bnlab.signal.figures import overlay_figure
+
+    for run in runs:
+        if run.kind != "signal":
+            raise UsageError(f"{run.path} is a training run and the others are bnlab signal "
+                             "runs; plot each kind on its own")
+        if not run.finished:
+            raise UsageError(f"nothing to plot in {run.path}: {run.problem}")
+    if selected:
+        raise UsageError("--layer and --step select training probes; a signal run's figure "
+                         "shows every layer")
+    keys, _ = setting_keys(runs)
+    labels = [" ".join(f"{k}={v}" for k, v in setting_of(run, keys).items() if v is not None)
+              or run.describe() for run in runs]
+    if list_only:
+        for label, run in zip(labels, runs, strict=True):
+            doc = run.metrics or {}
+            print(f"{run.path}  {label}: bnlab signal, {len(doc.get('positions', []))} "
+                  f"positions, {len(doc.get('blocks', []))} residual blocks, "
+                  f"{len(doc.get('gradients', {}).get('layers', []))} gradient layers")
+        return
+    assert out is not None and kind is not None
+    fig = overlay_figure([(label, run.metrics or {}) for label, run in
+                          zip(labels, runs, strict=True)])
+    write_atomic(out, figure_bytes(fig, kind))
     print(f"Wrote figure: {out}", file=sys.stderr)
 
 

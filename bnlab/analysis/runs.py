@@ -1,8 +1,10 @@
-"""Finding run dirs under the paths a user gives, and reading what `bnlab train` left in them.
+"""Finding run dirs under the paths a user gives, and reading what `bnlab train` or `bnlab
+signal` left in them.
 
-A run dir holds `.hydra/` (config, overrides, hydra settings) and `metrics.json`; a sweep dir
-holds one run dir per job. Reading never fails on a half-written or broken run: such a run
-comes back with a status that says so, because a comparison must list it, not crash on it.
+A run dir holds `.hydra/` (config, overrides, hydra settings) and `metrics.json` (a training
+run, kind `train`) or `signal.json` (a signal measurement, kind `signal`); a sweep dir holds one
+run dir per job. Reading never fails on a half-written or broken run: such a run comes back
+with a status that says so, because a comparison must list it, not crash on it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import yaml
 from bnlab.errors import UsageError
 
 METRICS_FILE = "metrics.json"
+SIGNAL_FILE = "signal.json"  # bnlab.rundir.SIGNAL
 HYDRA_DIR = ".hydra"
 EVENT_GLOB = "events.out.tfevents.*"
 
@@ -36,7 +39,8 @@ RUN_MECHANICS_KEYS = frozenset({"seed"})
 
 @dataclass(frozen=True)
 class Run:
-    """One run dir as read from disk; `metrics` is None when metrics.json is missing or bad."""
+    """One run dir as read from disk; `metrics` is None when metrics.json (signal.json, for a
+    signal run) is missing or bad."""
 
     path: Path
     status: str
@@ -46,6 +50,7 @@ class Run:
     composed: dict[str, Any] = field(default_factory=dict)
     choices: dict[str, Any] = field(default_factory=dict)
     mechanics_keys: frozenset[str] = RUN_MECHANICS_KEYS
+    kind: str = "train"  # or "signal"
 
     @property
     def finished(self) -> bool:
@@ -76,7 +81,7 @@ class Run:
 
     def describe(self) -> str:
         """A short label of what the run is, for rows and titles ("" when nothing says)."""
-        keys = ("norm", "model", "lr", "dropout", "seed")
+        keys = ("norm", "model", "depth", "lr", "dropout", "seed")
         if self.config:
             return " ".join(f"{k}={self.config[k]}" for k in keys if k in self.config)
         return " ".join(f"{k}={v}" for k, v in self.overrides.items())
@@ -109,7 +114,8 @@ def runs_under(path: Path) -> list[Path]:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / HYDRA_DIR / "config.yaml").is_file() or (path / METRICS_FILE).is_file()
+    return ((path / HYDRA_DIR / "config.yaml").is_file() or (path / METRICS_FILE).is_file()
+            or (path / SIGNAL_FILE).is_file())
 
 
 def event_files(run_dir: Path) -> list[Path]:
@@ -121,7 +127,10 @@ def event_files(run_dir: Path) -> list[Path]:
 def load_run(path: Path, now: float | None = None) -> Run:
     """Read one run dir; problems become the run's status, never an exception."""
     hydra = _read_hydra(path)
-    metrics, problem = _read_metrics(path)
+    if _is_signal_run(path, hydra.pop("job_name")):
+        return _load_signal_run(path, hydra)
+    metrics, problem = _read_metrics(path, METRICS_FILE,
+                                     "crashed before its first epoch, or never started")
     if metrics is None:
         return Run(path, "broken", problem, None, **hydra)
     status = str(metrics.get("status", "")) or "unknown"
@@ -138,6 +147,22 @@ def load_run(path: Path, now: float | None = None) -> Run:
     return Run(path, status, problem, metrics, **hydra)
 
 
+def _is_signal_run(path: Path, job_name: str | None) -> bool:
+    if (path / METRICS_FILE).is_file():
+        return False
+    return job_name == "signal" or (path / SIGNAL_FILE).is_file()
+
+
+def _load_signal_run(path: Path, hydra: dict[str, Any]) -> Run:
+    """A `bnlab signal` run: signal.json is written once, when the measurement is done."""
+    document, problem = _read_metrics(path, SIGNAL_FILE, "the measurement did not finish")
+    if document is None:
+        return Run(path, "broken", problem, None, kind="signal", **hydra)
+    status = str(document.get("status", "")) or "unknown"
+    problem = None if status in FINISHED else f"unknown status {status!r}"
+    return Run(path, status, problem, document, kind="signal", **hydra)
+
+
 def _walk_run_dirs(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, _ in os.walk(root):
         here = Path(dirpath)
@@ -148,21 +173,23 @@ def _walk_run_dirs(root: Path) -> Iterator[Path]:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
 
 
-def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    file = path / METRICS_FILE
+def _read_metrics(path: Path, name: str, why_missing: str
+                  ) -> tuple[dict[str, Any] | None, str | None]:
+    file = path / name
     if not file.is_file():
-        return None, f"no {METRICS_FILE} (crashed before its first epoch, or never started)"
+        return None, f"no {name} ({why_missing})"
     try:
         metrics = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return None, f"unreadable {METRICS_FILE}: {err}"
+        return None, f"unreadable {name}: {err}"
     if not isinstance(metrics, dict):
-        return None, f"unreadable {METRICS_FILE}: expected a JSON object"
+        return None, f"unreadable {name}: expected a JSON object"
     return metrics, None
 
 
 def _read_hydra(path: Path) -> dict[str, Any]:
-    """Overrides, composed config and group choices from `.hydra/`; {} for what is missing."""
+    """Overrides, composed config, group choices and the job's name (`train`, `signal`) from
+    `.hydra/`; {} (None) for what is missing."""
     hydra_dir = path / HYDRA_DIR
     overrides = _read_yaml(hydra_dir / "overrides.yaml")
     composed = _read_yaml(hydra_dir / "config.yaml")
@@ -170,7 +197,9 @@ def _read_hydra(path: Path) -> dict[str, Any]:
     hydra = hydra if isinstance(hydra, dict) else {}
     choices = _dotted_get(hydra, "runtime.choices")
     excluded = _dotted_get(hydra, "job.config.override_dirname.exclude_keys")
+    job_name = _dotted_get(hydra, "job.name")
     return {
+        "job_name": job_name if isinstance(job_name, str) else None,
         "overrides": _parse_overrides(overrides if isinstance(overrides, list) else []),
         "composed": composed if isinstance(composed, dict) else {},
         "choices": choices if isinstance(choices, dict) else {},

@@ -22,6 +22,7 @@ import numpy as np
 from bnlab.analysis.events import Events
 from bnlab.analysis.runs import Run
 from bnlab.probes.base import Column, compare_columns
+from bnlab.signal.report import SUMMARY as SIGNAL_SUMMARY
 
 # Display order of the summary-config keys; others follow in the order the runs name them.
 KEY_ORDER = ("norm", "norm_slots", "norm_rest", "model", "lr", "dropout", "batch_size",
@@ -31,6 +32,8 @@ KEY_ORDER = ("norm", "norm_slots", "norm_rest", "model", "lr", "dropout", "batch
 RUN_METRICS = ("final_test_acc", "final_test_acc_precise_bn", "best_test_acc", "gap",
                "lr_at_divergence")
 METRICS = (*RUN_METRICS, *(column.key for column in compare_columns()))
+# A signal run's numbers: its signal.json summary (bnlab.signal.report.SUMMARY).
+SIGNAL_METRICS = tuple(SIGNAL_SUMMARY)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,21 @@ class Stat:
             return cls(None, None, 0)
         std = statistics.stdev(finite) if len(finite) > 1 else None
         return cls(statistics.fmean(finite), std, len(finite))
+
+    @classmethod
+    def pooled(cls, stats: Iterable[Stat]) -> Stat:
+        """The mean and sample std of all the measurements behind ``stats`` taken together
+        (each a mean, std and count of its own, as a signal run reports them)."""
+        parts = [s for s in stats if s.n and s.mean is not None]
+        n = sum(s.n for s in parts)
+        if not n:
+            return cls(None, None, 0)
+        mean = math.fsum(s.n * s.mean for s in parts) / n
+        if n < 2:
+            return cls(mean, None, n)
+        within = math.fsum((s.n - 1) * (s.std or 0.0) ** 2 for s in parts)
+        between = math.fsum(s.n * (s.mean - mean) ** 2 for s in parts)
+        return cls(mean, math.sqrt((within + between) / (n - 1)), n)
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,7 @@ class Comparison:
     rows: list[SettingRow]
     stability: list[Stability]
     unfinished: list[Run]
+    kind: str = "train"  # the runs' kind: "train" or "signal" (bnlab.analysis.runs)
 
 
 def run_numbers(run: Run, events: Events) -> dict[str, float | None]:
@@ -131,21 +150,39 @@ def _over_steps(values: np.ndarray, how: str) -> float | None:
     return float(finite.mean() if how == "mean" else finite.max())
 
 
-def compare_runs(runs: list[Run], numbers: dict[Path, dict[str, float | None]]) -> Comparison:
-    """Group finished runs into settings; list the others apart. `numbers` by run path."""
+def signal_numbers(run: Run) -> dict[str, Stat]:
+    """A signal run's numbers: the summary stats of its signal.json (each over its seeds and
+    batches); a missing or malformed entry is an empty stat."""
+    summary = (run.metrics or {}).get("summary")
+    numbers = {}
+    for key in SIGNAL_METRICS:
+        entry = summary.get(key) if isinstance(summary, dict) else None
+        entry = entry if isinstance(entry, dict) else {}
+        n = entry.get("n")
+        numbers[key] = Stat(_number(entry.get("mean")), _number(entry.get("std")),
+                            n if isinstance(n, int) and not isinstance(n, bool) else 0)
+    return numbers
+
+
+def compare_runs(runs: list[Run], numbers: dict[Path, dict[str, Any]],
+                 kind: str = "train") -> Comparison:
+    """Group finished runs into settings; list the others apart. `numbers` by run path: floats
+    (a training run's) or stats (a signal run's, pooled over a row's runs)."""
     finished = [run for run in runs if run.finished]
     keys, fixed = setting_keys(finished)
     groups: dict[str, list[Run]] = {}
     for run in finished:
         groups.setdefault(_hashable(setting_of(run, keys)), []).append(run)
-    rows = [_row(setting_of(g[0], keys), g, numbers) for g in groups.values()]
+    metrics = SIGNAL_METRICS if kind == "signal" else METRICS
+    rows = [_row(setting_of(g[0], keys), g, numbers, metrics) for g in groups.values()]
     rows.sort(key=lambda row: [_sort_value(row.setting[k]) for k in keys])
     return Comparison(
         keys=keys,
         fixed=fixed,
         rows=rows,
-        stability=_stability(rows),
+        stability=_stability(rows) if kind == "train" else [],
         unfinished=sorted((run for run in runs if not run.finished), key=lambda r: r.path),
+        kind=kind,
     )
 
 
@@ -177,10 +214,17 @@ def _splits(runs: list[Run], keys: list[str], key: str) -> bool:
     return False
 
 
-def _row(setting: dict[str, Any], runs: list[Run], numbers: dict[Path, dict]) -> SettingRow:
+def _row(setting: dict[str, Any], runs: list[Run], numbers: dict[Path, dict],
+         metrics: tuple[str, ...]) -> SettingRow:
     runs = sorted(runs, key=lambda r: _sort_value(r.config.get("seed")))
-    stats = {m: Stat.of(numbers.get(run.path, {}).get(m) for run in runs) for m in METRICS}
+    stats = {m: _aggregate([numbers.get(run.path, {}).get(m) for run in runs]) for m in metrics}
     return SettingRow(setting, tuple(runs), stats)
+
+
+def _aggregate(values: list[Any]) -> Stat:
+    if any(isinstance(v, Stat) for v in values):
+        return Stat.pooled(v for v in values if isinstance(v, Stat))
+    return Stat.of(values)
 
 
 def _stability(rows: list[SettingRow]) -> list[Stability]:

@@ -23,6 +23,7 @@ from rich.text import Text
 from bnlab.analysis.runs import Run
 from bnlab.analysis.summary import Comparison, SettingRow, Stat, setting_of
 from bnlab.probes.base import compare_columns
+from bnlab.signal.report import SUMMARY as SIGNAL_SUMMARY
 
 # Per metric: column header and whether it is a fraction shown in percent; the run's own, then
 # the probes' (their declarations, ``bnlab.probes.base.Column``).
@@ -34,6 +35,8 @@ COLUMNS = {
     "lr_at_divergence": ("lr at divergence", False),
     **{column.key: (column.header, column.percent) for column in compare_columns()},
 }
+# A signal comparison's columns (bnlab.signal.report.SUMMARY), none in percent.
+SIGNAL_COLUMNS = {key: (header, False) for key, (header, _) in SIGNAL_SUMMARY.items()}
 # Columns that only some runs can have (newer probes, Precise BN, divergence); the human
 # formats leave them out when no row has a value. CSV and JSON always list every metric.
 OPTIONAL = ("final_test_acc_precise_bn", "lr_at_divergence",
@@ -116,35 +119,43 @@ def to_markdown(comparison: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
+def columns(comparison: Comparison) -> dict[str, tuple[str, bool]]:
+    """The metric columns of ``comparison``'s kind of runs: header and whether in percent."""
+    return SIGNAL_COLUMNS if comparison.kind == "signal" else COLUMNS
+
+
 def to_csv(comparison: Comparison) -> str:
     """One row per setting, then one per unfinished run (status tells them apart)."""
-    keys = comparison.keys
-    stats = [f"{m}_{part}" for m in COLUMNS for part in ("mean", "std", "n")]
-    header = [*keys, "status", "n_seeds", "seeds", *stats, "n_diverged", "diverged_steps",
-              "run_dirs", "note"]
+    keys, metrics = comparison.keys, columns(comparison)
+    divergence = comparison.kind == "train"
+    stats = [f"{m}_{part}" for m in metrics for part in ("mean", "std", "n")]
+    header = [*keys, "status", "n_seeds", "seeds", *stats,
+              *(["n_diverged", "diverged_steps"] if divergence else []), "run_dirs", "note"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in comparison.rows:
-        numbers = [getattr(row.stats[m], part) for m in COLUMNS for part in ("mean", "std", "n")]
+        numbers = [getattr(row.stats[m], part) for m in metrics for part in ("mean", "std", "n")]
+        diverged = [len(row.diverged_steps), ";".join(map(str, row.diverged_steps))]
         writer.writerow([
             *(row.setting[k] for k in keys), "finished", len(row.runs),
-            ";".join(map(str, row.seeds)), *numbers, len(row.diverged_steps),
-            ";".join(map(str, row.diverged_steps)),
+            ";".join(map(str, row.seeds)), *numbers, *(diverged if divergence else []),
             ";".join(_display_path(r.path) for r in row.runs), "",
         ])
     for run in comparison.unfinished:
         setting = ["" if v is None else v for v in setting_of(run, keys).values()]
-        writer.writerow([*setting, run.status, "", "", *[""] * len(stats), "", "",
-                         _display_path(run.path), f"{run.describe()}: {run.problem}"])
+        writer.writerow([*setting, run.status, "", "", *[""] * len(stats),
+                         *(["", ""] if divergence else []), _display_path(run.path),
+                         f"{run.describe()}: {run.problem}"])
     return buffer.getvalue()
 
 
 def to_json(comparison: Comparison) -> str:
     document = {
+        "kind": comparison.kind,
         "varying": comparison.keys,
         "fixed": comparison.fixed,
-        "settings": [_setting_json(row) for row in comparison.rows],
+        "settings": [_setting_json(row, columns(comparison)) for row in comparison.rows],
         "lr_stability": [
             {
                 "group": s.group,
@@ -171,6 +182,8 @@ def _preamble(comparison: Comparison) -> list[str]:
 
 
 def _settings_grid(comparison: Comparison) -> Grid:
+    if comparison.kind == "signal":
+        return _signal_grid(comparison)
     keys = comparison.keys or ["setting"]
     shown = [m for m in COLUMNS if m not in OPTIONAL
              or any(row.stats[m].n for row in comparison.rows)]
@@ -186,6 +199,17 @@ def _settings_grid(comparison: Comparison) -> Grid:
         rows.append([*setting, str(len(row.runs)), *(_stat_cell(row, m) for m in before),
                      _diverged_cell(row), *(_stat_cell(row, m) for m in after)])
     return Grid("Results by setting (mean ± std over seeds)", headers, rows)
+
+
+def _signal_grid(comparison: Comparison) -> Grid:
+    """Signal runs: every summary number, pooled over the seeds and batches of a row's runs."""
+    shown = [m for m in SIGNAL_COLUMNS if any(row.stats[m].n for row in comparison.rows)]
+    headers = [*(comparison.keys or ["setting"]), "runs", *(SIGNAL_COLUMNS[m][0] for m in shown)]
+    rows = [[*([str(row.setting[k]) for k in comparison.keys] or ["all runs"]),
+             str(len(row.runs)), *(_format(row.stats[m], percent=False) for m in shown)]
+            for row in comparison.rows]
+    return Grid("Signal at initialization by setting (mean ± std over seeds and batches)",
+                headers, rows)
 
 
 def _stability_grid(comparison: Comparison) -> Grid:
@@ -231,12 +255,12 @@ def _diverged_cell(row: SettingRow) -> str:
     return f"{len(steps)}/{len(row.runs)} @ step {at}"
 
 
-def _setting_json(row: SettingRow) -> dict[str, Any]:
+def _setting_json(row: SettingRow, metrics: dict[str, tuple[str, bool]]) -> dict[str, Any]:
     return {
         "setting": row.setting,
         "n_seeds": len(row.runs),
         "seeds": row.seeds,
-        "metrics": {m: _stat_json(row.stats[m]) for m in COLUMNS},
+        "metrics": {m: _stat_json(row.stats[m]) for m in metrics},
         "n_diverged": len(row.diverged_steps),
         "diverged_steps": row.diverged_steps,
         "run_dirs": [str(run.path) for run in row.runs],

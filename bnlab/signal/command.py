@@ -30,11 +30,11 @@ from bnlab import registry
 from bnlab.config import meta_model
 from bnlab.errors import UsageError
 from bnlab.registry import Schema, check
-from bnlab.rundir import HYDRA_DIR, METRICS, run_dir_lock, write_json
+from bnlab.rundir import HYDRA_DIR, METRICS, SIGNAL, run_dir_lock, write_json
 from bnlab.runtime import memory_format, pick_device
 from bnlab.signal.collect import BatchSignal, measure_batch
 from bnlab.signal.positions import gradient_layers, positions, residual_blocks
-from bnlab.signal.report import SIGNAL_FILE, signal_document
+from bnlab.signal.report import signal_document
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ def check_signal_dir(cfg: DictConfig, run_dir: Path) -> None:
     if (run_dir / METRICS).exists():
         raise UsageError(f"{run_dir} holds a bnlab train run ({METRICS}); measure it with "
                          f"signal.checkpoint={run_dir} and another hydra.run.dir")
-    if (run_dir / SIGNAL_FILE).exists() and not cfg.overwrite:
-        raise UsageError(f"{run_dir} already holds a signal measurement ({SIGNAL_FILE}); pass "
+    if (run_dir / SIGNAL).exists() and not cfg.overwrite:
+        raise UsageError(f"{run_dir} already holds a signal measurement ({SIGNAL}); pass "
                          "overwrite=true to measure again or choose another hydra.run.dir")
 
 
@@ -197,7 +197,7 @@ def run(cfg: DictConfig, run_dir: Path, locked: bool = False) -> dict[str, Any]:
         document = signal_document(results, positions(model), residual_blocks(model),
                                    gradient_layers(model), summary_config(cfg), settings)
         document["wall_time_s"] = round(time.perf_counter() - start, 3)
-        write_json(run_dir / SIGNAL_FILE, document)
+        write_json(run_dir / SIGNAL, document)
         write_run_figures(run_dir, document)
     return document
 
@@ -224,3 +224,10 @@ def signal_summary(run_dir: Path) -> list[str]:
     return [f"{line}; {document.get('wall_time_s', 0):.1f} s, run dir {run_dir}",
             f"  look at it: {run_dir / 'spp.png'}, gram.png, gradients.png   |   "
             f"bnlab plot {run_dir} --out overlay.png"]
+
+
+def signal_sweep_summary(sweep_dir: Path) -> list[str]:
+    """The end of a ``bnlab signal`` sweep: where it is and how to look at it."""
+    return [f"sweep done: {sweep_dir}",
+            f"  compare: bnlab compare {sweep_dir}   |   overlay: bnlab plot {sweep_dir}/*/ "
+            f"--out {sweep_dir / 'overlay.png'}"]

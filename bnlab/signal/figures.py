@@ -7,10 +7,11 @@ runs that ``bnlab plot`` draws for signal run dirs.
   the slot index.
 - **Gram**: the mean cosine similarity of samples, and the stable and effective rank of their
   Gram matrix, at each norm slot's input, against the slot index.
-- **Gradients**: ‖∂L/∂W_l‖ against the slot index on a log scale, with the fitted line and its
-  growth per layer toward the input in the legend.
+- **Gradients**: ‖∂L/∂W_l‖ against the slot index on a log scale, with the fitted line (dashed)
+  and its growth per layer toward the input in the panel's legend.
 
-Points are means over the seeds and batches, bars ± one standard deviation.
+Points are means over the seeds and batches, bars ± one standard deviation; one colour per run,
+named in the legend below the panels.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bnlab.analysis.output import figure_bytes, write_atomic
 
@@ -43,6 +45,7 @@ def _plot(ax: Axes, entries: list[Doc], measure: str, label: str, color: str) ->
     if x:
         ax.errorbar(x, y, yerr=err, label=label, color=color, marker="o", markersize=3,
                     capsize=2, linewidth=1.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _color(i: int) -> str:
@@ -52,7 +55,7 @@ def _color(i: int) -> str:
 def _spp_entries(doc: Doc) -> list[Doc]:
     if doc["blocks"]:
         return doc["blocks"]
-    return [p for p in doc["positions"] if p["kind"] == "slot_output"]
+    return [p for p in doc["positions"] if p["kind"] == "slot_input"]
 
 
 def draw_spp(axes: Sequence[Axes], runs: Runs) -> None:
@@ -64,7 +67,7 @@ def draw_spp(axes: Sequence[Axes], runs: Runs) -> None:
                 _plot(ax, _spp_entries(doc), measure, label, _color(i))
         ax.set_title(title, fontsize=9)
         ax.set_yscale("log", nonpositive="mask")
-        ax.set_xlabel("residual block (norm slot without blocks)", fontsize=8)
+        ax.set_xlabel("residual block (slot input, without blocks)", fontsize=8)
 
 
 def draw_gram(axes: Sequence[Axes], runs: Runs) -> None:
@@ -82,23 +85,32 @@ def draw_gradients(ax: Axes, runs: Runs) -> None:
     for i, (label, doc) in enumerate(runs):
         grads, fit = doc["gradients"]["layers"], doc["gradients"]["fit"]
         growth = fit["growth_per_layer"]["mean"]
-        rate = "" if growth is None else f" (×{growth:.3g}/layer toward input)"
-        _plot(ax, grads, "norm", label + rate, _color(i))
+        _plot(ax, grads, "norm", "no fit" if growth is None else
+              f"fit: ×{growth:.3g}/layer toward input", _color(i))
         if fit["slope"] is not None and grads:
             xs = [grads[0]["index"], grads[-1]["index"]]
             ax.plot(xs, [math.exp(fit["intercept"] + fit["slope"] * x) for x in xs],
                     linestyle="--", color=_color(i), linewidth=1)
     ax.set_yscale("log", nonpositive="mask")
-    ax.set_title("‖∂L/∂W_l‖ at the slot layers, fitted log-linear (dashed)", fontsize=9)
+    ax.set_title("gradient norm ‖∂L/∂W_l‖ (dashed: log-linear fit)", fontsize=9)
     ax.set_xlabel("norm slot (layer) index", fontsize=8)
 
 
-def _legend(fig: Figure, axes: Sequence[Axes]) -> None:
+def _finish(fig: Figure, axes: Sequence[Axes], runs: Runs, gradients: Axes | None) -> None:
+    """Small ticks, the gradient panel's rates, and one legend of the runs below the panels."""
     for ax in axes:
-        if ax.has_data():
-            ax.legend(fontsize=7)
-            ax.tick_params(labelsize=7)
-    fig.tight_layout()
+        ax.tick_params(which="both", labelsize=7)
+    if gradients is not None and gradients.has_data():
+        gradients.legend(fontsize=7)
+    handles = [ax.plot([], [], color=_color(i), marker="o", markersize=3)[0]
+               for i in range(len(runs))]
+    fig.legend(handles, [label for label, _ in runs], loc="lower center", ncols=min(3, len(runs)),
+               fontsize=8, frameon=False)
+    # Fixed margins in inches (tight_layout would take most of the time of a run's figures).
+    width, height = fig.get_size_inches()
+    legend = 0.22 * math.ceil(len(runs) / 3) + 0.1
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, top=1 - 0.3 / height,
+                        bottom=(0.5 + legend) / height, wspace=0.28, hspace=0.5)
 
 
 def run_figures(label: str, doc: Doc) -> dict[str, Figure]:
@@ -106,22 +118,22 @@ def run_figures(label: str, doc: Doc) -> dict[str, Figure]:
     runs = [(label, doc)]
     figures = {}
     for name in ("spp", "gram"):
-        fig = Figure(figsize=(3 * PANEL[0], PANEL[1]))
+        fig = Figure(figsize=(3 * PANEL[0], 1.15 * PANEL[1]))
         axes = fig.subplots(1, 3)
         (draw_spp if name == "spp" else draw_gram)(axes, runs)
-        _legend(fig, axes)
+        _finish(fig, axes, runs, None)
         figures[name] = fig
-    fig = Figure(figsize=(1.5 * PANEL[0], 1.2 * PANEL[1]))
+    fig = Figure(figsize=(1.5 * PANEL[0], 1.3 * PANEL[1]))
     ax = fig.subplots()
     draw_gradients(ax, runs)
-    _legend(fig, [ax])
+    _finish(fig, [ax], runs, ax)
     figures["gradients"] = fig
     return figures
 
 
 def overlay_figure(runs: Runs) -> Figure:
     """Every run's SPP, Gram and gradient curves, one colour per run."""
-    fig = Figure(figsize=(3 * PANEL[0], 3 * PANEL[1]))
+    fig = Figure(figsize=(3 * PANEL[0], 3 * PANEL[1] + 0.3 * math.ceil(len(runs) / 3)))
     grid = fig.add_gridspec(3, 3)
     spp = [fig.add_subplot(grid[0, i]) for i in range(3)]
     gram = [fig.add_subplot(grid[1, i]) for i in range(3)]
@@ -129,7 +141,7 @@ def overlay_figure(runs: Runs) -> Figure:
     draw_spp(spp, runs)
     draw_gram(gram, runs)
     draw_gradients(grads, runs)
-    _legend(fig, [*spp, *gram, grads])
+    _finish(fig, [*spp, *gram, grads], runs, grads)
     return fig
 
 

@@ -37,15 +37,13 @@ which equals arccos(⟨ŵ, ŵ′⟩) but keeps full precision for the small angl
 is flat near 1). Under SGD with heavy-ball momentum α, weight decay λ and learning rate η, the
 angular update per step tends to the equilibrium √(2ηλ / (1 + α)) (Wan et al. 2021).
 
-**Growth with depth** (Yang et al. 2019). :func:`loglinear_fit` fits log y_l = a + b·l by least
-squares; for gradient norms against layer index l, e^{−b} is the factor by which the gradient
-grows per layer toward the input.
+The fit of gradient norms against depth (Yang et al. 2019) is
+:func:`bnlab.signal.report.loglinear_fit`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -54,12 +52,10 @@ from bnlab.nn.functional import batch_stats
 
 __all__ = [
     "GRAM_MEASURES",
-    "LineFit",
     "angle",
     "channel_moments",
     "equilibrium_angle",
     "gram_measures",
-    "loglinear_fit",
     "sample_gram",
 ]
 
@@ -117,36 +113,3 @@ def equilibrium_angle(lr: float, weight_decay: float, momentum: float) -> float:
     """√(2ηλ / (1 + α)): the angular update per step of a scale-invariant weight at equilibrium
     under SGD with heavy-ball momentum α and weight decay λ (Wan et al. 2021)."""
     return math.sqrt(2 * lr * weight_decay / (1 + momentum))
-
-
-@dataclass(frozen=True)
-class LineFit:
-    """log y = intercept + slope·x, by least squares over the points with finite log y."""
-
-    slope: float
-    intercept: float
-    r2: float  # the coefficient of determination of the fit in log space (NaN if y is flat)
-    points: int
-
-    @property
-    def growth_toward_input(self) -> float:
-        """e^{−slope}: the factor per unit of x by which y grows as x decreases."""
-        return math.exp(-self.slope)
-
-
-def loglinear_fit(x: list[float], y: list[float]) -> LineFit | None:
-    """The least-squares line through (x_i, log y_i) over points with y_i > 0 finite; None when
-    fewer than two distinct x remain."""
-    pairs = [(a, math.log(b)) for a, b in zip(x, y, strict=True)
-             if b is not None and math.isfinite(b) and b > 0]
-    if len({a for a, _ in pairs}) < 2:
-        return None
-    xs = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
-    ys = torch.tensor([b for _, b in pairs], dtype=torch.float64)
-    dx, dy = xs - xs.mean(), ys - ys.mean()
-    slope = float((dx * dy).sum() / dx.square().sum())
-    intercept = float(ys.mean() - slope * xs.mean())
-    residual = float((dy - slope * dx).square().sum())
-    total = float(dy.square().sum())
-    r2 = 1 - residual / total if total > 0 else math.nan
-    return LineFit(slope, intercept, r2, len(pairs))

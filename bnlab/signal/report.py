@@ -15,6 +15,12 @@ document:
   ``intercept``, ``r2``) with ``growth_per_layer`` = e^{−slope} as a stat of the per-measurement
   fits: the factor by which the gradient grows per layer toward the input;
 - ``summary``: the numbers of :data:`SUMMARY` (stats), what ``compare`` shows per run.
+
+**Growth with depth** (Yang et al. 2019). :func:`loglinear_fit` fits log y_l = a + b·l by least
+squares; for gradient norms against layer index l, e^{−b} is the factor by which the gradient
+grows per layer toward the input (> 1: it explodes toward the input).
+
+This module imports no torch: ``bnlab compare`` and ``bnlab plot`` read signal run dirs with it.
 """
 
 from __future__ import annotations
@@ -23,29 +29,69 @@ import json
 import math
 import statistics
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bnlab.signal.collect import BatchSignal
-from bnlab.signal.measures import loglinear_fit
-from bnlab.signal.positions import Position, ResidualBlock
+from bnlab.rundir import SIGNAL
 
-SIGNAL_FILE = "signal.json"
+if TYPE_CHECKING:
+    from bnlab.signal.collect import BatchSignal
+    from bnlab.signal.positions import Position, ResidualBlock
+
 POSITION_MEASURES = ("mean_sq", "var", "cos_sim", "stable_rank", "erank")
 BLOCK_MEASURES = ("mean_sq", "var", "branch_var", "skip_var", "branch_skip_ratio")
 
 SUMMARY = {
-    "grad_growth": "gradient growth per layer toward the input, e^{−slope} of the log-linear "
-                   "fit of ‖∂L/∂W_l‖ against l",
-    "grad_first_last": "‖∂L/∂W_1‖ / ‖∂L/∂W_L‖, the first slot layer's gradient norm over the "
-                       "last's",
-    "cos_sim_deepest": "mean cosine similarity of samples at the deepest slot's input",
-    "stable_rank_deepest": "stable rank of the sample Gram matrix at the deepest slot's input",
-    "erank_deepest": "effective rank of the sample Gram matrix at the deepest slot's input",
-    "var_last_block": "average channel variance at the last residual block's output",
-    "branch_skip_last_block": "residual-branch over skip-path variance at the last block",
+    "grad_growth": ("grad growth /layer", "gradient growth per layer toward the input: "
+                    "e^{−slope} of the log-linear fit of ‖∂L/∂W_l‖ against l"),
+    "grad_first_last": ("grad first/last", "‖∂L/∂W_1‖ / ‖∂L/∂W_L‖: the first slot layer's "
+                        "gradient norm over the last's"),
+    "cos_sim_deepest": ("cos sim (deepest)", "mean cosine similarity of samples at the deepest "
+                        "slot's input"),
+    "stable_rank_deepest": ("stable rank (deepest)", "stable rank of the sample Gram matrix at "
+                            "the deepest slot's input"),
+    "erank_deepest": ("erank (deepest)", "effective rank of the sample Gram matrix at the "
+                      "deepest slot's input"),
+    "var_last_block": ("var (last block)", "average channel variance at the last residual "
+                       "block's output"),
+    "branch_skip_last_block": ("branch/skip (last block)", "residual-branch over skip-path "
+                               "variance at the last residual block"),
 }
-"""The per-run numbers ``bnlab compare`` tabulates, with their meanings."""
+"""The per-run numbers ``bnlab compare`` tabulates: key → (column header, meaning)."""
+
+
+@dataclass(frozen=True)
+class LineFit:
+    """log y = intercept + slope·x, by least squares over the points with finite log y."""
+
+    slope: float
+    intercept: float
+    r2: float  # the coefficient of determination of the fit in log space (NaN if y is flat)
+    points: int
+
+    @property
+    def growth_toward_input(self) -> float:
+        """e^{−slope}: the factor per unit of x by which y grows as x decreases."""
+        return math.exp(-self.slope)
+
+
+def loglinear_fit(x: list[float], y: list[float | None]) -> LineFit | None:
+    """The least-squares line through (x_i, log y_i) over points with y_i > 0 finite; None when
+    fewer than two distinct x remain."""
+    pairs = [(a, math.log(b)) for a, b in zip(x, y, strict=True)
+             if b is not None and math.isfinite(b) and b > 0]
+    if len({a for a, _ in pairs}) < 2:
+        return None
+    x_mean = statistics.fmean(a for a, _ in pairs)
+    y_mean = statistics.fmean(b for _, b in pairs)
+    sxx = math.fsum((a - x_mean) ** 2 for a, _ in pairs)
+    sxy = math.fsum((a - x_mean) * (b - y_mean) for a, b in pairs)
+    syy = math.fsum((b - y_mean) ** 2 for _, b in pairs)
+    slope = sxy / sxx
+    residual = math.fsum((b - y_mean - slope * (a - x_mean)) ** 2 for a, b in pairs)
+    r2 = 1 - residual / syy if syy > 0 else math.nan
+    return LineFit(slope, y_mean - slope * x_mean, r2, len(pairs))
 
 
 def stat(values: Iterable[float | None]) -> dict[str, float | int | None]:
@@ -117,7 +163,7 @@ def signal_document(batches: list[BatchSignal], positions: list[Position],
 def read_signal(run_dir: Path) -> dict[str, Any] | None:
     """``signal.json`` of ``run_dir``; None when it is missing or unreadable."""
     try:
-        document = json.loads((run_dir / SIGNAL_FILE).read_text())
-    except (OSError, ValueError):
+        document = json.loads((run_dir / SIGNAL).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
     return document if isinstance(document, dict) else None
