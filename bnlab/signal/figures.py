@@ -82,7 +82,7 @@ def draw_gram(axes: Sequence[Axes], runs: Runs) -> None:
 
 
 def draw_gradients(ax: Axes, runs: Runs) -> None:
-    for i, (label, doc) in enumerate(runs):
+    for i, (_, doc) in enumerate(runs):
         grads, fit = doc["gradients"]["layers"], doc["gradients"]["fit"]
         growth = fit["growth_per_layer"]["mean"]
         _plot(ax, grads, "norm", "no fit" if growth is None else
