@@ -1,0 +1,96 @@
+r"""Scale invariance during training: the norm, effective learning rate and angular update of
+every scale-invariant weight, against the angular update that SGD settles to.
+
+A weight is **scale-invariant** when the layer it belongs to has no bias and feeds a norm with
+batch statistics (a slot of ``bnlab.models.find_slots`` whose norm has the statistics interface,
+``bnlab.nn.stats.statistics_of``): the norm divides by statistics of the same batch, so c·w gives
+the same network for every c > 0 (van Laarhoven 2017). That holds exactly for BN and its
+variants that normalize with the batch's statistics (Ghost BN, noisy BN, decorrelated BN); for
+Batch Renorm after its warm-up only approximately (its r, d corrections use the running
+statistics). Layer and Group Norm, which normalize each sample, also make such a weight
+scale-invariant, but they are not batch-statistics norms and are not measured here.
+
+For each such weight w_t (before optimizer step t) and w_{t+1} (after it), on due steps, with the
+learning rate η_t, momentum α and weight decay λ of the weight's parameter group:
+
+- ``scale/weight_norm/<layer>`` = ‖w_t‖₂;
+- ``scale/eff_lr/<layer>`` = η_t / ‖w_t‖², the effective learning rate of a scale-invariant
+  weight under SGD (the gradient of c·w is ∇/c, so a step moves ŵ by η/‖w‖² times the gradient
+  at ŵ);
+- ``scale/angle/<layer>`` = angle(w_t, w_{t+1}) in radians (``bnlab.signal.measures.angle``:
+  2·atan2(‖ŵ_t − ŵ_{t+1}‖, ‖ŵ_t + ŵ_{t+1}‖), exact for small angles);
+- ``scale/angle_ratio/<layer>`` = angle / √(2η_tλ / (1 + α)), the measured angular update over
+  its equilibrium (Wan et al. 2021): near 1 once the weight norm has settled;
+- ``scale/angle_pred`` = √(2η_tλ / (1 + α)) of the first measured weight's group (bnlab puts all
+  parameters in one group).
+
+``eff_lr`` is logged for ``torch.optim.SGD`` only (Adam's step does not scale with the
+gradient), ``angle_ratio`` and ``angle_pred`` for SGD with heavy-ball momentum and weight decay
+λ > 0 only: the prediction is derived for that case and does not hold for Nesterov momentum
+(``optim.nesterov=true``); the norm and angle are logged for every optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.models import find_slots
+from bnlab.nn.stats import statistics_of
+from bnlab.signal.measures import angle, equilibrium_angle
+
+
+def scale_invariant_layers(model: nn.Module) -> list[str]:
+    """The layers (module paths, forward order) whose weight is scale-invariant: no bias, and
+    feeding a norm slot with batch statistics."""
+    found = []
+    for slot in find_slots(model):
+        layer = model.get_submodule(slot.layer)
+        if getattr(layer, "bias", None) is None and statistics_of(
+                model.get_submodule(slot.norm)) is not None:
+            found.append(slot.layer)
+    return found
+
+
+class ScaleProbe:
+    """``keep_weights()`` after the backward of a due step, ``measure()`` after its optimizer
+    step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.layers = scale_invariant_layers(model)
+        self.weights = [model.get_submodule(name).weight for name in self.layers]
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self.groups = [groups[id(w)] for w in self.weights]
+        self.sgd = isinstance(optimizer, torch.optim.SGD)
+        self._before: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def keep_weights(self) -> None:
+        """Copy the weights before the step (only on due steps)."""
+        self._before = [w.detach().clone() for w in self.weights]
+
+    def _prediction(self, group: dict) -> float | None:
+        if not self.sgd or group.get("nesterov") or not group.get("weight_decay"):
+            return None
+        return equilibrium_angle(group["lr"], group["weight_decay"], group.get("momentum", 0.0))
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, Tensor | float]:
+        """The ``scale/`` scalars of the step just taken (after ``keep_weights``)."""
+        if self._before is None:
+            return {}
+        before, self._before = self._before, None
+        scalars: dict[str, Tensor | float] = {}
+        for name, w0, w1, group in zip(self.layers, before, self.weights, self.groups,
+                                       strict=True):
+            norm = torch.linalg.vector_norm(w0.double())
+            turned = angle(w0, w1)
+            scalars[f"scale/weight_norm/{name}"] = norm
+            scalars[f"scale/angle/{name}"] = turned
+            if self.sgd:
+                scalars[f"scale/eff_lr/{name}"] = group["lr"] / norm.square()
+            predicted = self._prediction(group)
+            if predicted is not None:
+                scalars[f"scale/angle_ratio/{name}"] = turned / predicted
+                scalars.setdefault("scale/angle_pred", predicted)
+        return scalars
