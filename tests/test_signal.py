@@ -278,3 +278,23 @@ def test_the_document_aggregates_over_measurements_and_fits_the_gradients():
     assert doc["summary"]["grad_growth"] == fit["growth_per_layer"]
     assert doc["summary"]["cos_sim_deepest"] == doc["positions"][5]["cos_sim"]
     assert doc["blocks"] == [] and doc["summary"]["branch_skip_last_block"]["n"] == 0
+
+
+def test_readme_documents_every_signal_key_and_configs_set_them():
+    from pathlib import Path
+
+    import yaml
+
+    from bnlab.signal.command import SignalConfig, SignalOptions
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    rows = [line for line in readme.read_text().splitlines() if line.startswith("| `")]
+    for key in SignalOptions.model_fields:
+        assert any(row.startswith(f"| `signal.{key}` |") for row in rows), key
+    shared = next(row for row in rows if row.startswith("| `seed`, `batch_size`"))
+    for key in SignalConfig.model_fields:
+        assert f"`{key}`" in shared, key
+    config = yaml.safe_load((root / "configs" / "signal.yaml").read_text())
+    assert set(config["signal"]) == set(SignalOptions.model_fields)
+    assert set(SignalConfig.model_fields) <= set(config)
