@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,8 +282,6 @@ def test_the_document_aggregates_over_measurements_and_fits_the_gradients():
 
 
 def test_readme_documents_every_signal_key_and_configs_set_them():
-    from pathlib import Path
-
     import yaml
 
     from bnlab.signal.command import SignalConfig, SignalOptions
@@ -298,3 +297,27 @@ def test_readme_documents_every_signal_key_and_configs_set_them():
     config = yaml.safe_load((root / "configs" / "signal.yaml").read_text())
     assert set(config["signal"]) == set(SignalOptions.model_fields)
     assert set(SignalConfig.model_fields) <= set(config)
+
+
+def test_compare_draws_signal_numbers_against_the_numeric_setting():
+    from bnlab.analysis.runs import Run
+    from bnlab.analysis.signal_figure import signal_figure
+    from bnlab.analysis.summary import compare_runs, signal_numbers
+
+    def run(norm: str, depth: int, growth: float) -> Run:
+        summary = {"grad_growth": {"mean": growth, "std": 0.1, "n": 4}}
+        doc = {"kind": "signal", "status": "completed", "summary": summary,
+               "config": {"norm": norm, "model": "plain", "depth": depth, "seed": 0}}
+        return Run(Path(f"/runs/{norm}{depth}"), "completed", metrics=doc, kind="signal")
+
+    runs = [run(n, d, g) for n, d, g in [("custom", 8, 1.2), ("custom", 16, 1.3),
+                                         ("none", 8, 1.0), ("none", 16, 0.9)]]
+    comparison = compare_runs(runs, {r.path: signal_numbers(r) for r in runs}, "signal")
+    assert comparison.keys == ["norm", "depth"]
+    assert comparison.rows[0].stats["grad_growth"].mean == 1.2
+    fig = signal_figure(comparison)
+    (ax,) = [a for a in fig.axes if a.get_visible()]  # only grad_growth has values
+    assert ax.get_xlabel() == "depth"
+    assert [tuple(c.lines[0].get_ydata()) for c in ax.containers] == [(1.2, 1.3), (1.0, 0.9)]
+    assert [tuple(c.lines[0].get_xdata()) for c in ax.containers] == [(8, 16), (8, 16)]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["norm=custom", "norm=none"]

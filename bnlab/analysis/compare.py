@@ -10,11 +10,12 @@ from bnlab.analysis.events import read_events
 from bnlab.analysis.lr_figure import lr_figure
 from bnlab.analysis.output import check_writable, figure_bytes, figure_type, write_atomic
 from bnlab.analysis.runs import Run, find_run_dirs, load_run
+from bnlab.analysis.signal_figure import signal_figure
 from bnlab.analysis.summary import Comparison, compare_runs, run_numbers, signal_numbers
 from bnlab.analysis.tables import FORMATS, print_renderable, render, renderable
 from bnlab.errors import UsageError
 
-DEFAULT_FIGURE = "compare_lr.png"
+DEFAULT_FIGURE = {"train": "compare_lr.png", "signal": "compare_signal.png"}
 
 
 def run_compare(
@@ -25,32 +26,35 @@ def run_compare(
     The table goes to `out` (written atomically) or to stdout; the accuracy-vs-lr figure to
     `figure`, by default next to the table. Notes on what was written go to stderr, so that
     stdout stays a clean CSV/JSON/markdown document. Runs of `bnlab signal` are compared among
-    themselves (their own columns, no lr figure), never mixed with training runs.
+    themselves, never mixed with training runs: their own columns, and instead of the lr figure
+    their numbers against the numeric setting that varies (`signal_figure`).
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; use one of: {', '.join(FORMATS)}")
-    run_dirs = find_run_dirs(paths)
-    figure = figure or _default_figure(paths[0], out)
+    runs = [load_run(d) for d in find_run_dirs(paths)]
+    run_type = run_kind(runs)
+    figure = figure or _default_figure(paths[0], out, run_type)
     kind = _check_outputs(out, figure)
-    runs, numbers = _read_runs(run_dirs)
-    comparison = compare_runs(runs, numbers, run_kind(runs))
+    comparison = compare_runs(*_with_numbers(runs), run_type)
     _write_table(comparison, fmt, out)
-    if comparison.kind == "signal":
-        print("Signal runs: no lr figure; overlay them with bnlab plot RUN_DIR ... --out FILE",
-              file=sys.stderr)
-        return
-    fig = lr_figure(comparison)
+    if run_type == "signal":
+        fig, missing = signal_figure(comparison), "No numeric setting varies: no signal figure."
+    else:
+        fig = lr_figure(comparison)
+        missing = "No run recorded a positive learning rate: no lr figure written."
     if fig is None:
-        print("No run recorded a positive learning rate: no lr figure written.", file=sys.stderr)
+        print(missing, file=sys.stderr)
     else:
         write_atomic(figure, figure_bytes(fig, kind))
-        print(f"Wrote lr figure: {figure}", file=sys.stderr)
+        print(f"Wrote {'signal' if run_type == 'signal' else 'lr'} figure: {figure}",
+              file=sys.stderr)
 
 
-def _default_figure(first: Path, out: Path | None) -> Path:
+def _default_figure(first: Path, out: Path | None, run_type: str) -> Path:
+    name = DEFAULT_FIGURE[run_type]
     if out is not None:
-        return out.with_name(f"{out.stem}_lr.png")
-    return first / DEFAULT_FIGURE
+        return out.with_name(f"{out.stem}_{name.removeprefix('compare_')}")
+    return first / name
 
 
 def _check_outputs(out: Path | None, figure: Path) -> str:
@@ -77,10 +81,15 @@ def run_kind(runs: list[Run]) -> str:
 
 
 def _read_runs(run_dirs: list[Path]) -> tuple[list[Run], dict[Path, dict]]:
-    """Load every run; a finished training run's events add its gradient, drift, ICS,
-    whiteness and statistics-mismatch numbers, a signal run's numbers are its summary."""
+    """Load every run and its numbers (``_with_numbers``)."""
+    return _with_numbers([load_run(d) for d in run_dirs])
+
+
+def _with_numbers(loaded: list[Run]) -> tuple[list[Run], dict[Path, dict]]:
+    """The runs and their numbers by path: a finished training run's events give its gradient,
+    drift, ICS, whiteness and statistics-mismatch numbers; a signal run's are its summary."""
     runs, numbers = [], {}
-    for run in map(load_run, run_dirs):
+    for run in loaded:
         if run.finished and run.kind == "signal":
             numbers[run.path] = signal_numbers(run)
         elif run.finished:
