@@ -125,15 +125,16 @@ class Scale(nn.Module):
 
 
 class Block(nn.Module):
-    """out = branch(x) + shortcut(x) with branch = 2x, shortcut = x: out = 3x."""
+    """out = branch_end(2x) + shortcut(x) = 3x, with the parts bnlab's blocks have."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.branch = Scale(2.0)
+        self.twice = Scale(2.0)
+        self.branch_end = nn.Identity()
         self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.branch(x) + self.shortcut(x)
+        return self.branch_end(self.twice(x)) + self.shortcut(x)
 
 
 def test_spp_of_a_block_by_hand():
@@ -142,7 +143,7 @@ def test_spp_of_a_block_by_hand():
     model = nn.Sequential(Block(), Block())
     blocks = residual_blocks(model)
     assert [(b.name, b.branch, b.shortcut, b.index) for b in blocks] == [
-        ("0", "0.branch", "0.shortcut", 1), ("1", "1.branch", "1.shortcut", 2)]
+        ("0", "0.branch_end", "0.shortcut", 1), ("1", "1.branch_end", "1.shortcut", 2)]
     x = torch.tensor([[[[1.0, 3.0]], [[0.0, 0.0]]],
                       [[[1.0, 3.0]], [[2.0, 2.0]]]], dtype=torch.float64)
     recorder = SignalRecorder(model, [Position("0", "block_output", 1)], blocks, samples=2)
@@ -167,7 +168,7 @@ def test_positions_of_the_models():
     resnet = build_model("resnet20", norm_factory("custom"), width=4)
     blocks = residual_blocks(resnet)
     assert len(blocks) == 9
-    assert (blocks[0].branch, blocks[0].shortcut) == ("stages.0.norm2", "stages.0.shortcut")
+    assert (blocks[0].branch, blocks[0].shortcut) == ("stages.0.branch_end", "stages.0.shortcut")
     slots = find_slots(resnet)
     found = positions(resnet)
     assert [p for p in found if p.kind == "slot_input"] == [
@@ -178,6 +179,37 @@ def test_positions_of_the_models():
     assert residual_blocks(cnn) == []
     assert gradient_layers(cnn) == ["features.0.weight", "features.4.weight",
                                     "classifier.0.weight"]
+
+
+def resnet_spp(residual: str, norm: str, weight_std: str = "none") -> list[dict[str, float]]:
+    torch.manual_seed(0)
+    model = build_model("resnet", norm_factory(norm), depth=14, width=8, residual=residual,
+                        weight_std=weight_std)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    blocks = residual_blocks(model)
+    signal = measure_batch(model, x, y, positions(model), blocks, gradient_layers(model),
+                           samples=8, seed=0)
+    return [signal.blocks[b.name] for b in blocks]
+
+
+def test_the_spp_of_the_residual_schemes_at_init():
+    """What the schemes are built to do, seen through the SPP: SkipInit's branches are 0; a BN
+    branch ends in a norm of unit variance (γ = 1), and the block output's variance grows
+    within a stage and drops where a normalized projection shortcut starts the next (Brock et
+    al. 2021, Fig. 1); an NF branch adds about α² = 0.04 of variance to a signal that keeps
+    its scale."""
+    skipinit = resnet_spp("skipinit", "custom")
+    assert len(skipinit) == 6
+    assert all(b["branch_var"] == 0 and b["branch_skip_ratio"] == 0 for b in skipinit)
+    bn = resnet_spp("standard", "custom")
+    assert all(b["branch_var"] == pytest.approx(1, abs=1e-3) for b in bn)
+    stage_starts = (2, 4)  # blocks 3 and 5 (0-based 2, 4) project: their skip path is a BN
+    assert all(bn[i]["skip_var"] == pytest.approx(1, abs=1e-3) for i in stage_starts)
+    variance = [b["var"] for b in bn]
+    assert [i for i in range(1, 6) if variance[i] < variance[i - 1]] == list(stage_starts)
+    nf = resnet_spp("nf", "none", "scaled")
+    assert all(0.5 * 0.04 < b["branch_var"] < 1.5 * 0.04 for b in nf)
+    assert all(0.5 < b["var"] < 2 for b in nf)  # the signal keeps its scale without a norm
 
 
 # -- gradients with depth (Yang et al. 2019) -------------------------------------------------

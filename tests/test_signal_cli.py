@@ -137,6 +137,7 @@ BAD_INPUTS = [
     (["signal.seeds=0"], r"signal.seeds=0 is invalid: input should be greater than or equal"),
     (["optim.lr=0.1"], r"Could not override 'optim.lr'"),
     (["model.depth=0"], r"model.depth=0 is invalid"),
+    (["model=resnet", "model.depth=21"], r"model.depth=21 is invalid: must be 6n\+2"),
     (["signal.checkpoint=/no/such/run"], r"signal.checkpoint=/no/such/run: no checkpoint.pt"),
     (["norm=group", "norm.num_groups=3"], r"norm.num_groups=3 does not divide"),
 ]

@@ -5,11 +5,12 @@ whose weight gradients are taken, each with its depth index, found from the mode
   conv/linear layer that feeds it (``slot_input``, tagged with that layer's path), and its output,
   the input to the nonlinearity (``slot_output``, tagged with the slot's path). Slot l (1-based,
   forward order) has depth index l.
-- A **residual block** is a module whose output is act(branch(x) + shortcut(x)). It is found by
-  its parts: submodules named ``branch`` and ``shortcut`` (``model=resnet``), or, for
-  ``resnet20``'s ``bnlab.models.BasicBlock``, whose branch is not a module of its own, ``norm2``
-  (the branch's last module) and ``shortcut``. Its output is a ``block_output`` position; block b
-  (1-based, forward order) has depth index b.
+- A **residual block** is a module whose output is the sum of a residual branch and a skip
+  path (through a ReLU in post-activation blocks). It is found by the parts every block of
+  ``bnlab.models.resnet`` has: a child ``branch_end`` (an identity that receives the branch's
+  output as it is added, after any SkipInit/Fixup/NF scalars) and a child ``shortcut`` (the
+  skip path). Its output is a ``block_output`` position; block b (1-based, forward order) has
+  depth index b.
 - The **gradient layers** are the slots' layers, weight ``<layer>.weight``, depth index l.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bnlab.models import BasicBlock, find_slots
+from bnlab.models import find_slots
 
 KINDS = ("slot_input", "slot_output", "block_output")
 
@@ -36,7 +37,7 @@ class Position:
 @dataclass(frozen=True)
 class ResidualBlock:
     """A residual block at ``name``; ``branch`` and ``shortcut`` are the module paths whose
-    outputs are the residual branch's end and the skip path's output."""
+    outputs are the residual branch (as it is added) and the skip path."""
 
     name: str
     branch: str
@@ -49,14 +50,10 @@ def residual_blocks(model: nn.Module) -> list[ResidualBlock]:
     found = []
     for name, module in model.named_modules():
         children = dict(module.named_children())
-        if "branch" in children and "shortcut" in children:
-            branch = "branch"
-        elif isinstance(module, BasicBlock):
-            branch = "norm2"
-        else:
-            continue
-        prefix = f"{name}." if name else ""
-        found.append(ResidualBlock(name, prefix + branch, prefix + "shortcut", len(found) + 1))
+        if "branch_end" in children and "shortcut" in children:
+            prefix = f"{name}." if name else ""
+            found.append(ResidualBlock(name, f"{prefix}branch_end", f"{prefix}shortcut",
+                                       len(found) + 1))
     return found
 
 
