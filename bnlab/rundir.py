@@ -45,15 +45,20 @@ def summary_config(cfg: DictConfig) -> dict[str, Any]:
     ``config``, TensorBoard's hparams columns), in the order a user compares them. The norm's
     placement: ``norm_slots`` (``all``, ``conv``, ``first``, or the slot paths joined by
     commas) and ``norm_rest`` (the option in the other slots; None when the norm is in all)."""
-    slots = cfg.norm.get("slots", "all")
     return {
         "norm": cfg.norm.name, "lr": cfg.optim.lr, "dropout": cfg.model.get("dropout", 0.0),
         "batch_size": cfg.batch_size, "model": cfg.model.name, "seed": cfg.seed,
         "epochs": cfg.epochs, "optimizer": cfg.optim.name, "momentum": cfg.optim.momentum,
         "weight_decay": cfg.optim.weight_decay, "sched": cfg.sched.name, "data": cfg.data.name,
-        "norm_slots": slots if isinstance(slots, str) else ",".join(slots),
-        "norm_rest": None if slots == "all" else cfg.norm.rest,
+        **norm_placement(cfg),
     }
+
+
+def norm_placement(cfg: DictConfig) -> dict[str, Any]:
+    """``norm_slots`` and ``norm_rest`` of :func:`summary_config` (``bnlab signal``'s too)."""
+    slots = cfg.norm.get("slots", "all")
+    return {"norm_slots": slots if isinstance(slots, str) else ",".join(slots),
+            "norm_rest": None if slots == "all" else cfg.norm.rest}
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -25,6 +25,10 @@ def test_scale_invariant_layers_are_those_feeding_a_batch_statistics_norm():
                            ("none", []), ("layer", []), ("group", [])]:
         model = build_model("cnn", norm_factory(norm), channels=[4, 8], hidden=16)
         assert scale_invariant_layers(model) == expected, norm
+    # weight-standardized convs are scale-invariant by themselves; the classifier is not
+    for norm in ("none", "custom"):
+        ws = build_model("plain", norm_factory(norm), depth=3, width=4, weight_std="scaled")
+        assert scale_invariant_layers(ws) == ["features.0", "features.3", "features.6"], norm
     resnet = build_model("resnet20", norm_factory("custom"), width=4, blocks=1)
     assert scale_invariant_layers(resnet) == [
         "conv", "stages.0.conv1", "stages.0.conv2", "stages.1.conv1", "stages.1.conv2",

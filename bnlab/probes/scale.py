@@ -1,13 +1,19 @@
 r"""Scale invariance during training: the norm, effective learning rate and angular update of
 every scale-invariant weight, against the angular update that SGD settles to.
 
-A weight is **scale-invariant** when the layer it belongs to has no bias and feeds a norm with
-batch statistics (a slot of ``bnlab.models.find_slots`` whose norm has the statistics interface,
-``bnlab.nn.stats.statistics_of``): the norm divides by statistics of the same batch, so c·w gives
-the same network for every c > 0 (van Laarhoven 2017). That holds exactly for BN and its
-variants that normalize with the batch's statistics (Ghost BN, noisy BN, decorrelated BN); for
-Batch Renorm after its warm-up only approximately (its r, d corrections use the running
-statistics). Layer and Group Norm, which normalize each sample, also make such a weight
+A weight is **scale-invariant** when c·w gives the same network for every c > 0 (van Laarhoven
+2017). Found from the model's structure, a slot's layer (``bnlab.models.find_slots``) has one:
+
+- when it has no bias and its slot's norm has batch statistics (the statistics interface,
+  ``bnlab.nn.stats.statistics_of``): the norm divides by statistics of the same batch. Exact
+  for BN and the variants that normalize with the batch's statistics (Ghost BN, noisy BN,
+  decorrelated BN), up to the norm's eps; for Batch Renorm after its warm-up only approximately
+  (its r, d corrections use the running statistics);
+- when it standardizes its own weight (``model.weight_std=ws|scaled``: ``bnlab.nn.WSConv2d``,
+  ``ScaledWSConv2d``), with or without a norm: the normalization-free nets' scale-invariant
+  weights.
+
+Layer and Group Norm, which normalize each sample, also make the weight before them
 scale-invariant, but they are not batch-statistics norms and are not measured here.
 
 For each such weight w_t (before optimizer step t) and w_{t+1} (after it), on due steps, with the
@@ -37,17 +43,19 @@ from torch import Tensor, nn
 
 from bnlab.models import find_slots
 from bnlab.nn.stats import statistics_of
+from bnlab.nn.weight_std import ScaledWSConv2d, WSConv2d
 from bnlab.signal.measures import angle, equilibrium_angle
 
 
 def scale_invariant_layers(model: nn.Module) -> list[str]:
-    """The layers (module paths, forward order) whose weight is scale-invariant: no bias, and
-    feeding a norm slot with batch statistics."""
+    """The slot layers (module paths, forward order) whose weight is scale-invariant: without a
+    bias before a batch-statistics norm, or weight-standardized (see the module docstring)."""
     found = []
     for slot in find_slots(model):
         layer = model.get_submodule(slot.layer)
-        if getattr(layer, "bias", None) is None and statistics_of(
-                model.get_submodule(slot.norm)) is not None:
+        batch_normalized = layer.bias is None and statistics_of(
+            model.get_submodule(slot.norm)) is not None
+        if batch_normalized or isinstance(layer, WSConv2d | ScaledWSConv2d):
             found.append(slot.layer)
     return found
 

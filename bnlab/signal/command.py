@@ -30,7 +30,7 @@ from bnlab import registry
 from bnlab.config import meta_model
 from bnlab.errors import UsageError
 from bnlab.registry import Schema, check
-from bnlab.rundir import HYDRA_DIR, METRICS, SIGNAL, run_dir_lock, write_json
+from bnlab.rundir import HYDRA_DIR, METRICS, SIGNAL, norm_placement, run_dir_lock, write_json
 from bnlab.runtime import memory_format, pick_device
 from bnlab.signal.collect import BatchSignal, measure_batch
 from bnlab.signal.positions import gradient_layers, positions, residual_blocks
@@ -39,7 +39,8 @@ from bnlab.signal.report import signal_document
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-MODEL_KEYS = ("depth", "width", "blocks", "residual", "weight_std")  # shown when a model has them
+# The model's keys a comparison of signal runs shows, when the model has them.
+MODEL_KEYS = ("depth", "width", "blocks", "residual", "weight_std", "alpha")
 
 
 class SignalConfig(Schema):
@@ -136,7 +137,7 @@ def summary_config(cfg: DictConfig) -> dict[str, Any]:
     config = {"norm": cfg.norm.name, "model": cfg.model.name}
     config |= {k: cfg.model[k] for k in MODEL_KEYS if k in cfg.model}
     config |= {"seed": cfg.seed, "batch_size": cfg.batch_size, "data": cfg.data.name,
-               "checkpoint": cfg.signal.checkpoint}
+               "checkpoint": cfg.signal.checkpoint, **norm_placement(cfg)}
     return OmegaConf.to_container(OmegaConf.create(config), resolve=True)  # type: ignore[return-value]
 
 
