@@ -55,7 +55,10 @@ def test_a_sweep_writes_a_self_contained_run_dir_per_job(sweep):
         # cnn: two conv slots and a hidden linear slot, each with input and output positions
         assert [(p["kind"], p["index"]) for p in doc["positions"]] == [
             (kind, i) for kind in ("slot_input", "slot_output") for i in (1, 2, 3)]
-        assert all(p["cos_sim"]["n"] == 4 for p in doc["positions"])  # 2 seeds × 2 batches
+        inputs = [p for p in doc["positions"] if p["kind"] == "slot_input"]
+        assert all(p["cos_sim"]["n"] == 4 for p in inputs)  # 2 seeds × 2 batches
+        assert all("cos_sim" not in p and p["var"]["n"] == 4 for p in doc["positions"]
+                   if p["kind"] == "slot_output")
         assert [g["name"] for g in doc["gradients"]["layers"]] == [
             "features.0.weight", "features.4.weight", "classifier.0.weight"]
         assert doc["blocks"] == []

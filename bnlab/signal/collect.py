@@ -10,8 +10,9 @@ model ends exactly as it started.
 
 What one batch gives (floats; the measures are defined in :mod:`bnlab.signal.measures`):
 
-- ``positions[(kind, name)]``: ``mean_sq`` and ``var`` over the whole batch, ``cos_sim``,
-  ``stable_rank`` and ``erank`` of the first ``samples`` samples' Gram matrix;
+- ``positions[(kind, name)]``: ``mean_sq`` and ``var`` over the whole batch, and at slot inputs
+  and block outputs (``positions.GRAM_KINDS``) ``cos_sim``, ``stable_rank`` and ``erank`` of
+  the first ``samples`` samples' Gram matrix;
 - ``blocks[name]``: ``mean_sq`` and ``var`` of the block's output, ``branch_var`` and
   ``skip_var`` (the average channel variance at the end of the residual branch and of the skip
   path) and ``branch_skip_ratio`` = branch_var / skip_var;
@@ -65,7 +66,7 @@ class SignalRecorder:
         return hook
 
     def attach(self) -> list[RemovableHandle]:
-        hooks = [(p.name, (p.kind, p.name), True) for p in self.positions]
+        hooks = [(p.name, (p.kind, p.name), p.gram) for p in self.positions]
         for b in self.blocks:
             hooks += [(b.branch, ("branch", b.name), False), (b.shortcut, ("skip", b.name), False)]
             if not any(p.kind == "block_output" and p.name == b.name for p in self.positions):

@@ -69,16 +69,25 @@ def channel_moments(x: Tensor) -> dict[str, Tensor]:
     return {"mean_sq": mean.double().square().mean(), "var": var.double().mean()}
 
 
+def _flat_samples(x: Tensor) -> Tensor:
+    """(N, D) rows of ``x``'s samples, their values in memory order: a view for contiguous and
+    channels-last tensors. G does not depend on the order of a row's values."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return x.reshape(len(x), -1)
+
+
 def sample_gram(x: Tensor, samples: int | None = None) -> Tensor:
     """G = X̂ X̂ᵀ in float64 for the first ``samples`` samples of ``x`` (all when None): the
     cosine similarity of every pair of samples' flattened representations."""
-    rows = x.detach()[:samples].reshape(min(len(x), samples or len(x)), -1)
+    rows = _flat_samples(x.detach()[:samples])
     if rows.device.type == "mps":  # no float64 on MPS
         rows = rows.cpu()
     rows = rows.double()
-    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    unit = rows / torch.where(norms > 0, norms, 1.0)  # a zero row stays zero
-    return unit @ unit.T
+    raw = rows @ rows.T  # ⟨x_i, x_j⟩; normalizing the N×N result spares a pass over X
+    norms = raw.diagonal().sqrt()
+    inverse = torch.where(norms > 0, 1 / norms, 0.0)  # a zero row stays zero
+    return raw * inverse[:, None] * inverse[None, :]
 
 
 def gram_measures(gram: Tensor) -> dict[str, Tensor]:

@@ -23,6 +23,9 @@ from torch import nn
 from bnlab.models import find_slots
 
 KINDS = ("slot_input", "slot_output", "block_output")
+# Where the sample Gram matrix is taken: the signal each layer and block hands on. (A slot's
+# output is its input normalized; the next slot's input is what the network made of it.)
+GRAM_KINDS = ("slot_input", "block_output")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class Position:
     name: str
     kind: str   # one of KINDS
     index: int  # depth index, 1-based, within its kind
+
+    @property
+    def gram(self) -> bool:
+        """Whether the sample Gram measures are taken here (``GRAM_KINDS``)."""
+        return self.kind in GRAM_KINDS
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ is finite (``std`` is the sample standard deviation, null for n < 2; all null fo
 document:
 
 - ``positions``: one entry per measured activation (``name``, ``kind``, ``index``: see
-  :mod:`bnlab.signal.positions`) with ``mean_sq``, ``var``, ``cos_sim``, ``stable_rank``,
-  ``erank``;
+  :mod:`bnlab.signal.positions`) with ``mean_sq`` and ``var``, and at slot inputs and block
+  outputs ``cos_sim``, ``stable_rank`` and ``erank``;
 - ``blocks``: one entry per residual block (``name``, ``index``) with ``mean_sq``, ``var`` (of its
   output), ``branch_var``, ``skip_var`` and ``branch_skip_ratio``: the Signal Propagation Plot;
 - ``gradients``: ``layers`` (``name``, ``index``, ``norm``: ‖∂L/∂W_l‖_F) and ``fit``, the
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from bnlab.signal.collect import BatchSignal
     from bnlab.signal.positions import Position, ResidualBlock
 
-POSITION_MEASURES = ("mean_sq", "var", "cos_sim", "stable_rank", "erank")
+MOMENTS = ("mean_sq", "var")
+GRAM = ("cos_sim", "stable_rank", "erank")  # at slot inputs and block outputs
 BLOCK_MEASURES = ("mean_sq", "var", "branch_var", "skip_var", "branch_skip_ratio")
 
 SUMMARY = {
@@ -133,7 +134,8 @@ def signal_document(batches: list[BatchSignal], positions: list[Position],
     docstring)."""
     position_entries = [
         {"name": p.name, "kind": p.kind, "index": p.index,
-         **{m: stat(b.positions[(p.kind, p.name)][m] for b in batches) for m in POSITION_MEASURES}}
+         **{m: stat(b.positions[(p.kind, p.name)][m] for b in batches)
+            for m in (*MOMENTS, *(GRAM if p.gram else ()))}}
         for p in positions]
     block_entries = [
         {"name": k.name, "index": k.index,
