@@ -34,7 +34,7 @@ from bnlab.rundir import HYDRA_DIR, METRICS, SIGNAL, norm_placement, run_dir_loc
 from bnlab.runtime import memory_format, pick_device
 from bnlab.signal.collect import BatchSignal, measure_batch
 from bnlab.signal.positions import gradient_layers, positions, residual_blocks
-from bnlab.signal.report import signal_document
+from bnlab.signal.report import read_signal, signal_document
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,13 @@ def measure(cfg: DictConfig) -> tuple[list[BatchSignal], nn.Module]:
 def run(cfg: DictConfig, run_dir: Path, locked: bool = False) -> dict[str, Any]:
     """Measure and write ``signal.json`` and the figures to ``run_dir``; returns the
     document. ``locked``: the caller already holds the run dir's lock."""
-    from bnlab.signal.figures import write_run_figures  # matplotlib only when writing
+    from bnlab.signal.figures import RUN_FIGURES, write_run_figures  # matplotlib: only here
 
     validate(cfg)
     with contextlib.nullcontext() if locked else run_dir_lock(run_dir):
         check_signal_dir(cfg, run_dir)
+        for name in (SIGNAL, *(f"{figure}.png" for figure in RUN_FIGURES)):
+            (run_dir / name).unlink(missing_ok=True)  # overwrite=true: no stale result
         start = time.perf_counter()
         results, model = measure(cfg)
         settings = {"seeds": list(range(cfg.seed, cfg.seed + cfg.signal.seeds)),
@@ -206,8 +208,6 @@ def run(cfg: DictConfig, run_dir: Path, locked: bool = False) -> dict[str, Any]:
 def signal_summary(run_dir: Path) -> list[str]:
     """The end of a ``bnlab signal`` job: its headline numbers, time, and where to look (nothing
     when it wrote no ``signal.json``)."""
-    from bnlab.signal.report import read_signal
-
     document = read_signal(run_dir)
     if document is None:
         return []
