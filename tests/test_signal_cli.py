@@ -102,10 +102,12 @@ def test_plot_overlays_signal_runs(sweep):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bnlab train run (in process: the same code path as the console, minus start-up)."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    r = bnlab("train", "data=synthetic", "model=resnet20", "model.width=4", "model.blocks=1",
-              "epochs=1", "probe=off", "threads=1", f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(app, ["train", "data=synthetic", "model=resnet20", "model.width=4",
+                                 "model.blocks=1", "epochs=1", "probe=off", "threads=1",
+                                 f"hydra.run.dir={run_dir}"])
+    assert r.exit_code == 0, r.output
     return run_dir
 
 
