@@ -7,8 +7,9 @@ A weight is **scale-invariant** when c·w gives the same network for every c > 0
 - when it has no bias and its slot's norm has batch statistics (the statistics interface,
   ``bnlab.nn.stats.statistics_of``): the norm divides by statistics of the same batch. Exact
   for BN and the variants that normalize with the batch's statistics (Ghost BN, noisy BN,
-  decorrelated BN), up to the norm's eps; for Batch Renorm after its warm-up only approximately
-  (its r, d corrections use the running statistics);
+  decorrelated BN, EvoNorm B0, whose denominator scales with w), up to the norm's eps; for
+  Batch Renorm after its warm-up only approximately (its r, d corrections use the running
+  statistics);
 - when it standardizes its own weight (``model.weight_std=ws|scaled``: ``bnlab.nn.WSConv2d``,
   ``ScaledWSConv2d``), with or without a norm: the normalization-free nets' scale-invariant
   weights.
