@@ -12,7 +12,7 @@ from tests.cli import bnlab, metrics, scalars, tiny
 # 10 steps per epoch × 2 epochs; probes every 5 steps so each kind fires several times.
 PROBES = ("probe=full", "probe.act_every=5", "probe.hist_every=10", "probe.ics_every=5",
           "probe.landscape_every=5", "probe.white_every=5", "probe.bnstats_every=5",
-          "probe.batch_size=20")
+          "probe.gram_every=5", "probe.scale_every=5", "probe.batch_size=20")
 
 
 def run(tmp_path, root, name: str, *extra: str):
@@ -30,8 +30,10 @@ def test_probes_are_read_only_in_a_real_run(tmp_path, cifar_root, norm):
     on = run(tmp_path, cifar_root, "on", f"norm={norm}", "epochs=1", *PROBES)
     fired = scalars(on)  # the new probes measured inside the steps compared here
     assert [s for s, _ in fired["white/offdiag_corr/features.1"]] == [0, 5, 10]
+    assert [s for s, _ in fired["gram/erank/features.1"]] == [0, 5, 10]
     if norm != "none":
         assert [s for s, _ in fired["bnstats/mean_shift/features.1"]] == [0, 5, 10]
+        assert [s for s, _ in fired["scale/angle_ratio/features.0"]] == [5, 10]
     a = torch.load(off / "checkpoint.pt", weights_only=True)
     b = torch.load(on / "checkpoint.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()

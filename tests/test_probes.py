@@ -111,14 +111,17 @@ def test_probes_leave_the_run_bit_identical(norm, opt_name, act_seed):
         runs.append((model, optimizer, losses, torch.get_rng_state(), said))
     (m0, o0, l0, rng0, _), (m1, o1, l1, rng1, said) = runs
     # the probed run really measured everything, each group at every step (bnstats: of
-    # the layers with running statistics, which norm=none and Group Norm have not)
+    # the layers with running statistics, which norm=none and Group Norm have not; scale: of
+    # the weights before a batch-statistics norm, which they have not either)
     running_stats = norm not in ("none", "group")
-    groups = {"act", "drift", "grad", "opt", "ics", "landscape", "white"}
-    groups |= {"bnstats"} if running_stats else set()
+    groups = {"act", "drift", "grad", "opt", "ics", "landscape", "white", "gram"}
+    groups |= {"bnstats", "scale"} if running_stats else set()
     assert {t.split("/")[0] for t in tags(said)} == groups
-    for group in groups & {"white", "bnstats"}:  # in the forward of every step's probe
+    for group in groups & {"white", "bnstats", "gram"}:  # in the forward of every step's probe
         assert [s for s, m in said if any(t.startswith(f"{group}/") for t in m.scalars)] == \
             [0, 1, 2, 3]
+    if running_stats:  # after each optimizer step
+        assert [s for s, m in said if any(t.startswith("scale/") for t in m.scalars)] == [1, 2, 3]
     assert all(torch.equal(a, b) for a, b in zip(l0, l1, strict=True))
     sd0, sd1 = m0.state_dict(), m1.state_dict()
     assert sd0.keys() == sd1.keys()
@@ -170,7 +173,10 @@ def expected_tags(model: nn.Module) -> set[str]:
     white = {f"white/{m}/{n}" for m in ("offdiag_corr", "cond", "erank", "erank_frac")
              for n in layers}
     bnstats = {f"bnstats/{m}/{s.norm}" for m in ("mean_shift", "log_var_ratio") for s in slots}
-    return act | drift | grad | opt | ics | landscape | white | bnstats
+    gram = {f"gram/{m}/{n}" for m in ("cos_sim", "stable_rank", "erank") for n in layers}
+    # (sgd() is Nesterov's: no equilibrium prediction, so no angle_ratio or angle_pred)
+    scale = {f"scale/{m}/{s.layer}" for m in ("weight_norm", "eff_lr", "angle") for s in slots}
+    return act | drift | grad | opt | ics | landscape | white | bnstats | gram | scale
 
 
 def test_tags_follow_the_naming_scheme():
@@ -213,7 +219,7 @@ def test_logged_tags_and_steps_read_back_from_the_event_file(tmp_path):
     optimizer = sgd(model)
     probes = make_probes(model, optimizer, act_every=2, hist_every=4, grad_every=3,
                          ics_every=4, landscape_every=2, landscape_points=2, white_every=4,
-                         bnstats_every=3)
+                         bnstats_every=3, gram_every=4, gram_samples=8, scale_every=3)
     _, said = train(model, optimizer, probes, steps=4)
     tracker = Tracker(tmp_path)
     for step, m in said:
@@ -239,6 +245,8 @@ def test_logged_tags_and_steps_read_back_from_the_event_file(tmp_path):
     assert steps("landscape/beta") == [2, 4]
     assert steps("white/erank/features.4") == [0, 4]
     assert steps("bnstats/mean_shift/classifier.1") == [0, 3]
+    assert steps("gram/erank/features.5") == [0, 4]
+    assert steps("scale/angle/classifier.0") == [3]
 
 
 # -- config --------------------------------------------------------------------------------
@@ -254,6 +262,8 @@ def test_logged_tags_and_steps_read_back_from_the_event_file(tmp_path):
     ({"batch_size": 1}, "probe.batch_size=1 is invalid: input should be greater than or"),
     ({"hist_samples": 0}, "probe.hist_samples=0 is invalid: input should be greater than"),
     ({"landscape_points": 1}, "probe.landscape_points=1 is invalid"),
+    ({"gram_samples": 1}, "probe.gram_samples=1 is invalid: input should be greater than"),
+    ({"scale_every": -2}, "probe.scale_every=-2 is invalid"),
     ({"act_every": 50, "hist_every": 75},
      "probe: hist_every=75 must be 0 or a multiple of act_every=50"),
     ({"act_every": 0, "hist_every": 10}, "probe: hist_every=10 must be 0 or a multiple"),

@@ -12,10 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.models import build_model, norm_factory
+from bnlab.models import build_model, find_slots, norm_factory
+from bnlab.probes.base import Setup
+from bnlab.probes.config import ProbeConfig, watched_layers
 from bnlab.probes.gram import GramProbe
 from bnlab.probes.scale import ScaleProbe, scale_invariant_layers
 from bnlab.signal.measures import equilibrium_angle, gram_measures, sample_gram
+from tests.test_probes import sgd
+
+
+def built(probe: type, model: nn.Module, optimizer: torch.optim.Optimizer,
+          layers: list[str] | None = None, **keys: object):
+    """``probe`` as ``Probes`` builds it, every interval at 1."""
+    config = ProbeConfig(**{k: 1 for k in ProbeConfig.model_fields if k.endswith("_every")},
+                         **keys)
+    slots = find_slots(model)
+    watched = layers if layers is not None else watched_layers("all", slots)
+    setup = Setup(model, optimizer, F.cross_entropy, torch.zeros(0), slots, watched)
+    return probe(config, setup)
 
 
 def test_scale_invariant_layers_are_those_feeding_a_batch_statistics_norm():
@@ -67,7 +81,7 @@ def toy(momentum: float, nesterov: bool = False, steps: int = 400, seed: int = 0
     model = nn.Sequential(nn.Linear(16, 4, bias=False), norm_factory("custom")(4, 1)).double()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov,
                                 weight_decay=0.05)
-    probe = ScaleProbe(model, optimizer)
+    probe = built(ScaleProbe, model, optimizer)
     assert probe.layers == ["0"]
     said = []
     for _ in range(steps):
@@ -75,9 +89,9 @@ def toy(momentum: float, nesterov: bool = False, steps: int = 400, seed: int = 0
         loss = F.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad()
         loss.backward()
-        probe.keep_weights()
+        probe.after_backward(1, None)
         optimizer.step()
-        said.append({k: float(v) for k, v in probe.measure().items()})
+        said.append({k: float(v) for k, v in probe.after_step(1).scalars.items()})
     return said
 
 
@@ -117,9 +131,9 @@ def test_nesterov_and_adam_get_no_prediction():
     assert {k.rsplit("/", 1)[0] for k in said[-1]} == {"scale/weight_norm", "scale/angle",
                                                        "scale/eff_lr"}
     model = nn.Sequential(nn.Linear(4, 2, bias=False), norm_factory("custom")(2, 1))
-    adam = ScaleProbe(model, torch.optim.Adam(model.parameters(), weight_decay=0.1))
+    adam = built(ScaleProbe, model, torch.optim.Adam(model.parameters(), weight_decay=0.1))
     adam.keep_weights()
-    assert set(adam.measure()) == {"scale/weight_norm/0", "scale/angle/0"}
+    assert set(adam.measure_step()) == {"scale/weight_norm/0", "scale/angle/0"}
 
 
 def test_the_scale_tags_by_hand():
@@ -129,11 +143,11 @@ def test_the_scale_tags_by_hand():
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[3.0, 4.0]]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.1)
-    probe = ScaleProbe(model, optimizer)
+    probe = built(ScaleProbe, model, optimizer)
     model[0].weight.grad = torch.zeros(1, 2, dtype=torch.float64)
     probe.keep_weights()
     optimizer.step()  # w ← w − 0.5·0.1·w = 0.95 w
-    got = {k: float(v) for k, v in probe.measure().items()}
+    got = {k: float(v) for k, v in probe.measure_step().items()}
     assert torch.allclose(model[0].weight, torch.tensor([[2.85, 3.8]], dtype=torch.float64))
     assert got == pytest.approx({"scale/weight_norm/0": 5.0, "scale/angle/0": 0.0,
                                  "scale/eff_lr/0": 0.5 / 25,
@@ -142,15 +156,16 @@ def test_the_scale_tags_by_hand():
     probe.keep_weights()
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[-4.0, 3.0]]))  # however it got there: 90°
-    assert float(probe.measure()["scale/angle/0"]) == pytest.approx(math.pi / 2)
-    assert probe.measure() == {}  # nothing kept: nothing measured
+    assert float(probe.measure_step()["scale/angle/0"]) == pytest.approx(math.pi / 2)
+    assert probe.measure_step() == {}  # nothing kept: nothing measured
 
 
 def test_gram_probe_measures_the_watched_layers():
     torch.manual_seed(0)
     model = build_model("cnn", norm_factory("custom"), channels=[4, 8], hidden=16)
     x = torch.randn(12, 3, 32, 32)
-    probe = GramProbe(model, ["features.0", "features.1", "classifier.1"], samples=5)
+    probe = built(GramProbe, model, sgd(model), ["features.0", "features.1", "classifier.1"],
+                  gram_samples=5)
     seen = {}
     handles = probe.attach()
     hooks = [model.get_submodule(n).register_forward_hook(
@@ -159,7 +174,7 @@ def test_gram_probe_measures_the_watched_layers():
     model(x)
     for h in handles + hooks:
         h.remove()
-    got = probe.measure()
+    got = probe.measure(0).scalars
     assert set(got) == {f"gram/{m}/{n}" for m in ("cos_sim", "stable_rank", "erank")
                         for n in ("features.0", "features.1", "classifier.1")}
     for name, out in seen.items():
@@ -172,4 +187,4 @@ def test_gram_probe_measures_the_watched_layers():
         assert float(got[f"gram/stable_rank/{name}"]) == pytest.approx(
             float((eig ** 2).sum() / eig.max() ** 2), rel=1e-9)
         assert got[f"gram/erank/{name}"] == gram_measures(sample_gram(out, 5))["erank"]
-    assert probe.measure() == {}
+    assert probe.measure(0).scalars == {}

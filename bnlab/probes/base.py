@@ -55,7 +55,8 @@ MODULE_PLACEHOLDERS = ("<layer>", "<norm>", "<module>")
 Interval = Annotated[int, Field(ge=0, description="steps between measurements; 0: off")]
 # The probes' modules in ``bnlab/probes/``, in the order the probes run at each point of a step
 # and in which their keys, columns and panels are listed.
-PROBES = ("gradients", "activations", "ics", "landscape", "whiteness", "bnstats")
+PROBES = ("gradients", "activations", "ics", "landscape", "whiteness", "bnstats", "gram",
+          "scale")
 REGISTRY: dict[str, type[Probe]] = {}
 
 

@@ -39,12 +39,25 @@ gradient), ``angle_ratio`` and ``angle_pred`` for SGD with heavy-ball momentum a
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from bnlab.models import find_slots
 from bnlab.nn.stats import statistics_of
 from bnlab.nn.weight_std import ScaledWSConv2d, WSConv2d
+from bnlab.probes.base import (
+    Column,
+    Interval,
+    Measurements,
+    Panel,
+    Probe,
+    Setup,
+    TrainingBatch,
+    every,
+)
+from bnlab.registry import Schema
 from bnlab.signal.measures import angle, equilibrium_angle
 
 
@@ -61,17 +74,47 @@ def scale_invariant_layers(model: nn.Module) -> list[str]:
     return found
 
 
-class ScaleProbe:
-    """``keep_weights()`` after the backward of a due step, ``measure()`` after its optimizer
-    step."""
+class ScaleProbe(Probe):
+    """Copies the scale-invariant weights after the backward of a due step (``after_backward``)
+    and measures the step they took after it (``after_step``)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    name = "scale"
+    runs = ("after_backward", "after_step")
+
+    class Keys(Schema):
+        scale_every: Interval = every(0, "scale invariance: norm, effective learning rate and "
+                                      "angular update of each scale-invariant weight against "
+                                      "its equilibrium")
+
+    tags: ClassVar[dict[str, str]] = {
+        "scale/weight_norm/<module>": "‖w‖₂ of a scale-invariant layer's weight, before the step",
+        "scale/eff_lr/<module>": "η / ‖w‖², its effective learning rate (SGD)",
+        "scale/angle/<module>": "the angle in radians the step turned w by",
+        "scale/angle_ratio/<module>": "that angle over its equilibrium √(2ηλ/(1+α)) (SGD with "
+                                      "heavy-ball momentum α and weight decay λ > 0)",
+        "scale/angle_pred": "the equilibrium angle √(2ηλ/(1+α)) at the step's learning rate η",
+    }
+    columns = (Column("scale_angle_ratio", "final angle / equilibrium", "scale/angle_ratio/",
+                      steps="last", optional=True),)
+    panels = (Panel("scale/angle_ratio/", "angular update /\nequilibrium"),
+              Panel("scale/eff_lr/", "effective lr\nη / ‖w‖²", log=True))
+
+    def __init__(self, cfg: Any, setup: Setup) -> None:
+        super().__init__(cfg, setup)
+        model, optimizer = setup.model, setup.optimizer
         self.layers = scale_invariant_layers(model)
         self.weights = [model.get_submodule(name).weight for name in self.layers]
         groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         self.groups = [groups[id(w)] for w in self.weights]
         self.sgd = isinstance(optimizer, torch.optim.SGD)
         self._before: list[Tensor] | None = None
+
+    def after_backward(self, step: int, batch: TrainingBatch) -> Measurements:
+        self.keep_weights()
+        return Measurements()
+
+    def after_step(self, step: int) -> Measurements:
+        return Measurements(self.measure_step())
 
     @torch.no_grad()
     def keep_weights(self) -> None:
@@ -84,7 +127,7 @@ class ScaleProbe:
         return equilibrium_angle(group["lr"], group["weight_decay"], group.get("momentum", 0.0))
 
     @torch.no_grad()
-    def measure(self) -> dict[str, Tensor | float]:
+    def measure_step(self) -> dict[str, Tensor | float]:
         """The ``scale/`` scalars of the step just taken (after ``keep_weights``)."""
         if self._before is None:
             return {}
