@@ -40,6 +40,7 @@ Usage::
     python scripts/bench_probes.py --quick      # 2560 images, 2 rounds
     python scripts/bench_probes.py --full       # also probe=full (ICS and landscape on)
     python scripts/bench_probes.py --per-probe --threads 1   # each probe-batch measurement
+    python scripts/bench_probes.py --signal-probes --threads 1   # gram/ and scale/ at full
 """
 
 from __future__ import annotations
@@ -92,14 +93,17 @@ def override(base: list[str], *overrides: str) -> list[str]:
     return [o for o in base if o.split("=", 1)[0] not in keys] + list(overrides)
 
 
-def step_interleaved(base: list[str], probes: list[str], epochs: int, run_dir: Path
-                     ) -> dict[str, list[float]]:
-    """Seconds of each training step per side, the sides' steps alternating on the same batch."""
+def step_interleaved(base: list[str], configs: dict[str, list[str]], epochs: int,
+                     run_dir: Path) -> dict[str, list[float]]:
+    """Seconds of each training step per side (a name and its overrides of ``base``), the
+    sides' steps alternating on the same batch."""
     sides = {}
+    probes = list(configs)
     with restore_torch_globals():
-        for probe in probes:
-            trainer = train.Trainer(compose(override(base, f"probe={probe}")), run_dir / probe)
-            tracker = Tracker(run_dir / probe)
+        for probe, overrides in configs.items():
+            folder = run_dir / probe.replace(" ", "_")
+            trainer = train.Trainer(compose(override(base, *overrides)), folder)
+            tracker = Tracker(folder)
             if trainer.probes:
                 trainer.record(tracker, trainer.probes.start(), 0)
             sides[probe] = (trainer, tracker)
@@ -132,6 +136,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="also time probe=full")
+    parser.add_argument("--signal-probes", action="store_true",
+                        help="time probe=full against probe=full without gram/ and scale/ "
+                        "(step-interleaved): their cost at probe=full's intervals")
     parser.add_argument("--per-probe", action="store_true",
                         help="only price each probe of the probe batch (act, white, bnstats)")
     parser.add_argument("--model", default="cnn")
@@ -155,21 +162,27 @@ def main() -> None:
     if args.per_probe:
         per_probe_part(base, 3 + 2 * rounds, run_dir)
         return
-    if args.only != "epochs":
-        step_part(base, probes, 3 if args.quick else 2, run_dir)  # 3: past step 50 (act probe)
+    if args.signal_probes:
+        without = "full without gram, scale"
+        step_part(base, {without: ["probe=full", "probe.gram_every=0", "probe.scale_every=0"],
+                         "full": ["probe=full"]}, 3 if args.quick else 2, run_dir, without)
+        return
+    if args.only != "epochs":  # 3 epochs: past step 50 (act probe)
+        step_part(base, {p: [f"probe={p}"] for p in probes}, 3 if args.quick else 2, run_dir)
     if args.only != "steps":
         epoch_part(base, probes, rounds, args.epochs or (1 if args.quick else 3), run_dir)
 
 
-def step_part(base: list[str], probes: list[str], epochs: int, run_dir: Path) -> None:
-    times = step_interleaved(base, probes, epochs, run_dir)
-    steps = len(times["off"])
+def step_part(base: list[str], configs: dict[str, list[str]], epochs: int, run_dir: Path,
+              baseline: str = "off") -> None:
+    times = step_interleaved(base, configs, epochs, run_dir)
+    steps = len(times[baseline])
     print(f"\n## step-interleaved: {steps} steps ({epochs} epoch(s)) per side")
-    print("| probe | mean step ms | total / probe=off | median per-step ratio |")
+    print(f"| probe | mean step ms | total / probe={baseline} | median per-step ratio |")
     print("|---|---|---|---|")
     for probe, ts in times.items():
-        total = sum(ts) / sum(times["off"])
-        per_step = statistics.median(t / o for t, o in zip(ts, times["off"], strict=True))
+        total = sum(ts) / sum(times[baseline])
+        per_step = statistics.median(t / o for t, o in zip(ts, times[baseline], strict=True))
         print(f"| {probe} | {1e3 * sum(ts) / steps:.1f} | {total:.3f}× | {per_step:.3f}× |")
 
 
