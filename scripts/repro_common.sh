@@ -196,6 +196,9 @@ PY
 #   m:KEY              metrics.json KEY (accuracies in percent)
 #   h:KEY@EPOCH        history[EPOCH-1][KEY] (per-epoch test_acc, test_acc_precise_bn, ...)
 #   h:KEY@last         the last history entry's KEY
+#   f:FILE:KEY         KEY of the JSON file FILE in the run dir (numbers a script computed
+#                      after training, e.g. study_dbn.sh's batch_eval.json); accuracies in
+#                      percent
 #   e:PREFIX[:AGG]     event scalars whose tag starts with PREFIX: per tag (layer) the mean over
 #                      steps (AGG=mean, default), the last value (last), the first (first) or
 #                      the first at or after step N (at=N), then the mean over tags;
@@ -235,6 +238,11 @@ def value(run_dir, metrics, events, col):
     kind, _, spec = col.partition(":")
     if kind == "m":
         v = metrics.get(spec)
+    elif kind == "f":
+        name, _, key = spec.partition(":")
+        path = run_dir / name
+        v = json.loads(path.read_text()).get(key) if path.exists() else None
+        spec = key  # for the percent rule below
     elif kind == "h":
         key, _, epoch = spec.partition("@")
         hist = metrics.get("history") or []
