@@ -18,7 +18,7 @@
 # (they get Precise BN too: the same evaluation for every row).
 #
 #   THREADS=1 bash scripts/study_dbn.sh              # CIFAR-10 subset on CPU
-#   THREADS=1 TRAIN_SIZE=5000 SEEDS=0,1 bash scripts/study_dbn.sh   # smaller (section 11)
+#   THREADS=1 TRAIN_SIZE=5000 SEEDS=0,1 bash scripts/study_dbn.sh   # smaller (section 12)
 #   THREADS=1 SCHED=constant EPOCHS=4 PLACEMENTS=all GROUP_SIZES=16 MINOR_SEEDS= \
 #       bash scripts/study_dbn.sh                    # section 7's setting, with Precise BN
 #   FULL=1 DATA_ROOT=data bash scripts/study_dbn.sh  # full CIFAR-10, VGG-A (vgg11), GPU
@@ -32,7 +32,7 @@ source "$(dirname "$0")/repro_common.sh"
 
 # Subset: all 10k training images, 8 epochs (624 steps at batch 128), the full 2k test set.
 # FULL: VGG-A (bnlab's vgg11 is its layout), the net of the paper's CIFAR-10 placement
-# experiment, 30 epochs. What one run costs here: docs/reproductions.md, section 11.
+# experiment, 30 epochs. What one run costs here: docs/reproductions.md, section 12.
 EPOCHS=${EPOCHS:-$(pick 8 30)}
 TRAIN_SIZE=${TRAIN_SIZE:-$(pick null null)}
 MODEL=$(pick cnn vgg11)
