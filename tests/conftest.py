@@ -13,6 +13,13 @@ torch.set_num_threads(1)
 os.environ.setdefault("CI", "1")  # quiet progress bars in subprocess runs
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    """Each test draws from torch's global generator as if it ran alone: its inputs do not
+    depend on which tests ran before it in its process (pytest-xdist orders them per worker)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CIFAR-10 (100 train / 40 test images) in the re-packed Python-3 format."""

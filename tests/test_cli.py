@@ -6,6 +6,8 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,6 +228,20 @@ def test_bad_input_from_the_console_has_no_traceback(tmp_path, cifar_root):
     assert r.stderr == ("error: optim.lr=-1 is invalid: input should be greater than 0; "
                         "allowed: learning rate (a finite number > 0)\n")
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_refusal_does_not_import_the_compiler(tmp_path):
+    """Refusing bad input takes the time of the imports it needs: not torch._dynamo's, which
+    torch.compiler.disable at import time (once: SyncBN's) made every bnlab process pay."""
+    script = ("import sys\nfrom bnlab.cli import main\n"
+              "sys.argv = ['bnlab', 'train', 'data=synthetic', 'norm=custom', 'optim.lr=-1']\n"
+              "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+              "print('torch._dynamo' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
 
 
 @pytest.mark.slow

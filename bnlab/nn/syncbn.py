@@ -57,7 +57,8 @@ all_reduce there would wait forever for the others).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -181,9 +182,6 @@ class _SyncBatchNormFn(Function):
         return (*requested_grads(ctx, *grads), None, None, None, None, None)
 
 
-# Collectives and the host read of the count: run eagerly under torch.compile (which would
-# break its graph here anyway, with a warning per layer).
-@torch.compiler.disable
 def sync_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -209,6 +207,15 @@ def sync_batch_norm(
     y = _SyncBatchNormFn.apply(input, weight, bias, mean, var, eps, count, group)
     update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+@functools.cache
+def _eager_sync_batch_norm() -> Callable[..., Tensor]:
+    """``sync_batch_norm`` as torch.compile runs it: eagerly, for its collectives and the host
+    read of the count (which would break the graph anyway, with a warning per layer). Wrapped
+    when the first layer is built, not at import: ``torch.compiler.disable`` imports
+    ``torch._dynamo``, seconds that every bnlab process (a bad-input check too) would pay."""
+    return torch.compiler.disable(sync_batch_norm)
 
 
 class SyncBatchNorm(ChannelStatistics, RunningStatsNorm):
@@ -265,6 +272,7 @@ class SyncBatchNorm(ChannelStatistics, RunningStatsNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype, bias=bias, fast=fast)
         self.process_group = process_group
+        self._sync_batch_norm = _eager_sync_batch_norm()
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -280,5 +288,5 @@ class SyncBatchNorm(ChannelStatistics, RunningStatsNorm):
         if group is None:
             return batch_norm(input, running_mean, running_var, self.weight, self.bias,
                               self.uses_batch_stats(), factor, self.eps, fast=self.fast)
-        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                               factor, self.eps, group)
+        return self._sync_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                     factor, self.eps, group)
