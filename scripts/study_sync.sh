@@ -35,14 +35,14 @@ REPRO_NAME=sync
 # shellcheck source=scripts/repro_common.sh
 source "$(dirname "$0")/repro_common.sh"
 
-# Sized from one timed run (section 12): on the busy 2-core CPU a DDP step at global batch 8
-# costs about as much as 8 images of BN at batch 128 do, and every DDP job pays the start-up of
-# torch's launcher and its 2 processes; 2,000 images x 3 epochs (section 8's protocol) fit the
-# grid's 2 seeds in about an hour.
+# 2,000 images x 3 epochs: section 8's protocol, so that BN at the global batch 2p here is
+# section 8's BN at batch 2p, and small shards take many steps (every DDP job also pays the
+# start-up of torch's launcher and its processes); the wall times are in section 16 of
+# docs/reproductions.md.
 NPROC=${NPROC:-$(pick 2 8)}
 EPOCHS=${EPOCHS:-$(pick 3 20)}
 TRAIN_SIZE=${TRAIN_SIZE:-$(pick 2000 null)}
-# Per-device batch 2 extends the grid down to section 8's collapse (BN at batch 2: 18 %).
+# Per-device batch 2 extends the issue's grid (4-64) down to where section 8's BN collapses.
 PER_DEVICE=${PER_DEVICE:-$(pick 2,4,8,16,32,64 2,4,8,16,32,64 4,64)}
 BASE_LR=${BASE_LR:-0.1}
 # FULL: global batches up to 512 (lr 0.4): Goyal et al.'s gradual warm-up.
@@ -78,85 +78,99 @@ for p in "${pd_list[@]}"; do
         "optim.lr=$lr" "${COMMON[@]}" 'hydra.sweep.subdir="norm=${norm.name},seed=${seed}"'
 done
 
-# One step, exactly: the parameter gradients of the cnn under DDP (2 gloo processes, half the
-# batch each) against one process on the whole batch, in float64 (the formulas) and float32
-# (what training uses, NHWC as on the CPU), for each DDP arm and its one-process twin; and what
-# torch's nn.SyncBatchNorm says to a CPU tensor. Seconds; not a training run.
+# One step, exactly: the parameter gradients and the running statistics after one training
+# step of the cnn under DDP (2 gloo processes, bnlab's own wrapper and buffer averaging, half
+# the batch each) against one process on the whole batch, at a global batch of 8 (p = 4) and
+# 128 (p = 64), in float64 (the formulas) and float32 (what training uses, NHWC as on the
+# CPU), for each DDP arm and its one-process twin; and what torch's nn.SyncBatchNorm says to a
+# CPU tensor. Seconds; not a training run.
 if [[ ${ANALYZE_ONLY:-0} != 1 || ! -s $OUT_DIR/exactness.md ]]; then
     cat > "$OUT_DIR/exactness.py" <<'PY'
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
+from bnlab import distributed
+from bnlab.data import shard
 from bnlab.registry import load_option
 
 torch.set_num_threads(1)
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-B = 128
-gen = torch.Generator().manual_seed(1)
-x64 = torch.randn(B, 3, 32, 32, generator=gen, dtype=torch.float64) * 2 + 0.5
-y = torch.randint(0, 10, (B,), generator=gen)
-part = slice(rank * B // world, (rank + 1) * B // world)
+WORLD = distributed.start()
+CPU = torch.device("cpu")
 
 
-def grads(norm, batch, ddp, dtype, **kw):
+def step(norm, x64, y, part, ddp, dtype, **kw):
+    """One training step's parameter gradients, and the floating-point buffers (running
+    statistics) after it, as float64: under DDP as bnlab trains (``distributed.wrap``, then
+    ``average_buffers``) on this process's ``part`` of the batch, else on the whole batch."""
     torch.manual_seed(0)
     model = load_option("model", "cnn").build(load_option("norm", norm, **kw))
     model = model.to(dtype=dtype, memory_format=torch.channels_last)
-    x = x64[batch].to(dtype).contiguous(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
-    loss = torch.nn.functional.cross_entropy(net(x), y[batch])
-    loss.backward()
-    return {n: p.grad.double() for n, p in model.named_parameters()}
+    x = x64[part].to(dtype).contiguous(memory_format=torch.channels_last)
+    net = distributed.wrap(model, WORLD, CPU) if ddp else model
+    torch.nn.functional.cross_entropy(net(x), y[part]).backward()
+    if ddp:
+        distributed.average_buffers(WORLD, model)
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
+    buffers = {n: b.double() for n, b in model.named_buffers() if b.is_floating_point()}
+    return grads, buffers
 
 
 def opts(kw):
     return "".join(f" norm.{k}={v}" for k, v in kw.items())
 
 
-PAIRS = [  # (DDP norm and options, one-process norm and options)
-    (("sync", {}), ("custom", {})),
-    (("sync", {}), ("custom", {"fast": False})),
-    (("custom", {}), ("ghost", {"virtual_batch_size": B // world})),
-    (("torch", {}), ("ghost", {"virtual_batch_size": B // world})),
-    (("custom", {}), ("custom", {})),  # the contrast: per-device BN is not BN on the batch
-]
-
-
 def worst(a, b):
-    return max((float((a[k] - b[k]).norm() / b[k].norm()), k) for k in b)
+    """The largest relative difference ‖a − b‖ / ‖b‖ over the tensors, and its name."""
+    return max((float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-300)), k) for k in b)
 
 
-rows, exact = [], {}
-for dtype in (torch.float64, torch.float32):
-    for i, ((dn, dkw), (on, okw)) in enumerate(PAIRS):
-        a = grads(dn, part, True, dtype, **dkw)
-        # The twins have no synchronized layer, so rank 0 alone computes them.
-        b = grads(on, slice(None), False, dtype, **okw) if rank == 0 else None
-        if rank == 0:
-            w = worst(a, b)
-            # float32: each side's error against the twin's float64 gradient
+rows = []
+for B in (8, 128):
+    gen = torch.Generator().manual_seed(1)
+    x64 = torch.randn(B, 3, 32, 32, generator=gen, dtype=torch.float64) * 2 + 0.5
+    y = torch.randint(0, 10, (B,), generator=gen)
+    part = shard(B, WORLD.rank, WORLD.size)  # this rank's samples, as in training
+    p = B // WORLD.size
+    pairs = [  # (DDP norm and options, one-process norm and options)
+        (("sync", {}), ("custom", {})),
+        (("sync", {}), ("custom", {"fast": False})),
+        (("custom", {}), ("ghost", {"virtual_batch_size": p})),
+        (("torch", {}), ("ghost", {"virtual_batch_size": p})),
+        (("custom", {}), ("custom", {})),  # the contrast: per-device BN is not BN on the batch
+    ]
+    exact = {}  # pair -> the twin's float64 gradients
+    for dtype in (torch.float64, torch.float32):
+        for i, ((dn, dkw), (on, okw)) in enumerate(pairs):
+            ga, ba = step(dn, x64, y, part, True, dtype, **dkw)
+            if not WORLD.main:  # the twins have no synchronized layer: rank 0 alone runs them
+                continue
+            gb, bb = step(on, x64, y, slice(None), False, dtype, **okw)
+            w = worst(ga, gb)
+            # float32: each side's gradient error against the twin's float64 gradient
             errs = ["–", "–"] if dtype == torch.float64 else [
-                f"{worst(g, exact[i])[0]:.1e}" for g in (a, b)]
-            exact.setdefault(i, b)
-            rows.append(f"| {str(dtype).removeprefix('torch.')} | DDP norm={dn}{opts(dkw)} | "
-                        f"1 process norm={on}{opts(okw)} | {w[0]:.1e} | `{w[1]}` | "
-                        f"{errs[0]} | {errs[1]} |")
+                f"{worst(g, exact[i])[0]:.1e}" for g in (ga, gb)]
+            exact.setdefault(i, gb)
+            wb = worst(ba, bb)
+            rows.append(f"| {B} ({p}) | {str(dtype).removeprefix('torch.')} | DDP norm={dn}"
+                        f"{opts(dkw)} | 1 process norm={on}{opts(okw)} | {w[0]:.1e} | `{w[1]}` "
+                        f"| {errs[0]} | {errs[1]} | {wb[0]:.1e} | `{wb[1]}` |")
 try:
     torch.nn.SyncBatchNorm(4).train()(torch.randn(4, 4, 2, 2))
     refusal = "(no error)"
 except Exception as e:  # what torch says to a CPU tensor under a process group
     refusal = f"{type(e).__name__}: {e}"
-if rank == 0:
-    print(f"One SGD step's gradients, global batch {B} over {world} processes, cnn, NHWC "
-          "(largest relative difference of a parameter's gradient, ‖a − b‖ / ‖b‖):\n")
-    print("| dtype | DDP arm | one-process twin | worst gradient difference | tensor | DDP arm's "
-          "error vs float64 twin | twin's error vs float64 twin |")
-    print("|---|---|---|---|---|---|---|")
+if WORLD.main:
+    print(f"One SGD step at global batch B over {WORLD.size} processes (p = B / {WORLD.size} "
+          f"each; backend {dist.get_backend()}), cnn, NHWC: the largest relative difference of a "
+          "parameter's gradient and of a running-statistics buffer after the step, "
+          "‖a − b‖ / ‖b‖:\n")
+    print("| B (p) | dtype | DDP arm | one-process twin | worst gradient difference | tensor "
+          "| DDP arm's gradient error vs float64 twin | twin's error vs float64 twin "
+          "| worst buffer difference | buffer |")
+    print("|---" * 10 + "|")
     print("\n".join(rows))
     print(f"\ntorch.nn.SyncBatchNorm on a CPU tensor in a gloo group: `{refusal}`")
-dist.destroy_process_group()
+distributed.finish()
 PY
     log "exactness check: $OUT_DIR/exactness.md"
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 "$OUT_DIR/exactness.py" \
@@ -174,7 +188,7 @@ study_table "$OUT_DIR"/{ddp,bn,ghost}/pd_*/*/ -- m:final_test_acc m:final_train_
 # The study's table (accuracy per arm and p, the SyncBN - per-device gap per seed) and the
 # exactness checks (each DDP arm against its one-process twin: per-step training loss, final
 # weights and running statistics, accuracy), then the figure.
-python - "$OUT_DIR" "$NPROC" <<'PY' | tee -a "$OUT_DIR/study.md"
+python - "$OUT_DIR" "$NPROC" "$BASE_LR" <<'PY' | tee -a "$OUT_DIR/study.md"
 import json
 import statistics
 import sys
@@ -187,7 +201,7 @@ from matplotlib.figure import Figure
 
 from bnlab.analysis.events import read_events
 
-out, nproc = Path(sys.argv[1]), int(sys.argv[2])
+out, nproc, base_lr = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 ARMS = {  # arm -> (sweep dir, norm): label
     ("ddp", "custom"): "per-device BN (DDP, bnlab)",
     ("ddp", "torch"): "per-device BN (DDP, torch)",
@@ -196,7 +210,9 @@ ARMS = {  # arm -> (sweep dir, norm): label
     ("bn", "custom"): "BN at the global batch (1 process)",
 }
 TWINS = {"per-device BN vs Ghost BN": (("ddp", "custom"), ("ghost", "ghost")),
-         "SyncBN vs BN at the global batch": (("ddp", "sync"), ("bn", "custom"))}
+         "SyncBN vs BN at the global batch": (("ddp", "sync"), ("bn", "custom")),
+         "per-device torch BN vs Ghost BN": (("ddp", "torch"), ("ghost", "ghost"))}
+DRAWN = ("per-device BN vs Ghost BN", "SyncBN vs BN at the global batch")  # right panel
 runs = {}  # (arm, p, seed) -> run dir
 for m in out.glob("*/pd_*/*/metrics.json"):
     metrics = json.loads(m.read_text())
@@ -228,14 +244,14 @@ for arm in ARMS:
         acc[arm][p] = [metric(runs[arm, p, s], "final_test_acc") if (arm, p, s) in runs
                        else float("nan") for s in seeds]
 print(f"\nFinal test accuracy % (mean ± std over seeds {seeds}; {nproc} processes, per-device "
-      "batch p, global batch B, lr = 0.1 x B / 128); the gap is SyncBN minus per-device BN "
-      "(bnlab), per seed:\n")
+      f"batch p, global batch B, lr = {base_lr:g} x B / 128); the gap is SyncBN minus "
+      "per-device BN (bnlab), per seed:\n")
 print("| p (B, lr) | " + " | ".join(ARMS.values()) + " | SyncBN − per-device |")
 print("|---" * (len(ARMS) + 2) + "|")
 for p in ps:
     gap = [a - b for a, b in zip(acc["ddp", "sync"][p], acc["ddp", "custom"][p], strict=True)]
     b = nproc * p
-    print(f"| {p} ({b}, {0.1 * b / 128:.4g}) | "
+    print(f"| {p} ({b}, {base_lr * b / 128:.4g}) | "
           + " | ".join(fmt(acc[arm][p]) for arm in ARMS) + f" | {fmt(gap, signed=True)} |")
 
 
@@ -281,26 +297,35 @@ ax, ax2 = fig.subplots(1, 2)
 styles = {("ddp", "custom"): ("C0", "-", 3.0), ("ddp", "torch"): ("C9", "-", 1.2),
           ("ghost", "ghost"): ("C1", "--", 1.5), ("ddp", "sync"): ("C3", "-", 3.0),
           ("bn", "custom"): ("C2", "--", 1.5)}
+offsets = dict(zip(ARMS, np.linspace(-0.06, 0.06, len(ARMS)), strict=True))  # (log2 units)
 for arm, label in ARMS.items():
     xs = [p for p in ps if np.isfinite(acc[arm][p]).any()]
     if not xs:
         continue
-    err = [100 * (1 - np.nanmean(acc[arm][p])) for p in xs]
-    std = [100 * np.nanstd(acc[arm][p]) for p in xs]
     color, ls, lw = styles[arm]
-    ax.errorbar(xs, err, yerr=std, color=color, linestyle=ls, linewidth=lw, marker="o",
-                capsize=2, label=label)
+    shift = [p * 2 ** offsets[arm] for p in xs]
+    per_seed = [100 * np.asarray(acc[arm][p]) for p in xs]
+    mean = [np.nanmean(v) for v in per_seed]
+    # sample std over seeds (ddof 1, as in the table); 0 where only one seed finished
+    std = [np.std(v[np.isfinite(v)], ddof=1) if np.isfinite(v).sum() > 1 else 0.0
+           for v in per_seed]
+    ax.errorbar(shift, mean, yerr=std, color=color, linestyle=ls, linewidth=lw, marker="o",
+                markersize=4, capsize=3, label=label)
+    for x, v in zip(shift, per_seed, strict=True):
+        ax.plot([x] * len(v), v, color=color, marker="x", linestyle="none", markersize=4,
+                alpha=0.6)
 ax.set_xscale("log", base=2)
 ax.set_xticks(ps, labels=[str(p) for p in ps])
+ax.minorticks_off()
 ax.set_xlabel(f"per-device batch p ({nproc} processes, global batch {nproc}p, "
-              f"lr 0.1 x {nproc}p / 128)")
-ax.set_ylabel("test error % (mean ± std over seeds)")
+              f"lr {base_lr:g} x {nproc}p / 128)")
+ax.set_ylabel("final test accuracy %\n(line: mean ± std over seeds; x: each seed)")
 ax.set_title("SyncBN vs per-device BN")
 ax.grid(True, alpha=0.3)
 ax.legend(fontsize="small")
 for i, p in enumerate(ps):
     for (pair, q, s), (steps, rel) in curves.items():
-        if q != p or s != seeds[0]:
+        if q != p or s != seeds[0] or pair not in DRAWN:
             continue
         ok = rel > 0
         ax2.plot(steps[ok], rel[ok], color=f"C{i}", linewidth=0.8,
