@@ -211,7 +211,10 @@ ARMS = {  # arm -> (sweep dir, norm): label
 }
 TWINS = {"per-device BN vs Ghost BN": (("ddp", "custom"), ("ghost", "ghost")),
          "SyncBN vs BN at the global batch": (("ddp", "sync"), ("bn", "custom")),
-         "per-device torch BN vs Ghost BN": (("ddp", "torch"), ("ghost", "ghost"))}
+         "per-device torch BN vs Ghost BN": (("ddp", "torch"), ("ghost", "ghost")),
+         # the contrast, not a twin: the shards are normalized apart from step 1 on
+         "contrast: per-device BN vs BN at the global batch": (("ddp", "custom"),
+                                                               ("bn", "custom"))}
 DRAWN = ("per-device BN vs Ghost BN", "SyncBN vs BN at the global batch")  # right panel
 runs = {}  # (arm, p, seed) -> run dir
 for m in out.glob("*/pd_*/*/metrics.json"):
