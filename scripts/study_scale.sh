@@ -52,10 +52,9 @@ BN_LR=0.1
 WD=5e-4
 # 4x WD: the predicted angle doubles and the norm settles 4x sooner.
 WD_BIG=2e-3
-# The norm-free cnn trains at 0.01; λ = BN_LR·WD / NF_LR keeps ηλ, hence the predicted angle
-# and the time scale, equal to the BN runs'.
+# The norm-free cnn trains at 0.01; its λ = BN_LR·WD / lr keeps ηλ, hence the predicted angle
+# and the time scale, equal to the BN runs' (nf_weight_decay below, per model).
 NF_LR=${NF_LR:-0.01}
-NF_WD=$(python -c "print(f'{$BN_LR * $WD / $NF_LR:.3g}')")
 # Steps the exponential schedules are computed for (batch 128, the last partial batch dropped):
 # the smoke scale trains 1 epoch of 512 images.
 TRAIN_IMAGES=$([[ $TRAIN_SIZE == null ]] && pick 10000 50000 512 || pick "$TRAIN_SIZE" "$TRAIN_SIZE" 512)
@@ -76,7 +75,8 @@ SUBDIR='hydra.sweep.subdir="norm=${norm.name},wd=${optim.weight_decay},seed=${se
 
 # model_args MODEL KIND: the model overrides of a kind of net (bn, sws, none) and its lr.
 # resnet20 (FULL only, not run here): the norm-free ResNet is Brock et al.'s NF-ResNet
-# (residual=nf with Scaled WS); without a norm at all it trains only at lr 0.001 (section 11).
+# (residual=nf with Scaled WS); without a norm at all it gets lr 0.001, an untested guess at a
+# stable lr for it.
 model_args() {
     case $1:$2 in
         cnn:bn) echo "model=cnn optim.lr=$BN_LR" ;;
@@ -137,6 +137,13 @@ print(f"sched=step sched.milestones=[{milestones}] sched.gamma={r ** (-2 * lengt
 PY
 }
 
+# nf_weight_decay MODEL: the λ of the norm-free net without Scaled WS, BN_LR·WD / its lr.
+nf_weight_decay() {
+    local lr
+    lr=$(model_args "$1" none | sed -n 's/.*optim.lr=\([^ ]*\).*/\1/p')
+    python -c "print(f'{$BN_LR * $WD / $lr:.3g}')"
+}
+
 # exp_subdir WD: the job dir name of an exponential-lr run, named by the λ it stands in for.
 exp_subdir() {
     # shellcheck disable=SC2016  # ${...}: Hydra interpolations, resolved per job
@@ -151,6 +158,7 @@ for seed in "${SEED_LIST[@]}"; do
         read -r -a sws <<< "$(model_args "$model" sws)"
         read -r -a none <<< "$(model_args "$model" none)"
         nf_lr=$(model_args "$model" none | sed -n 's/.*optim.lr=\([^ ]*\).*/\1/p')
+        nf_wd=$(nf_weight_decay "$model")
         read -r -a expo <<< "$(exp_schedule "$BN_LR" "$WD")"
         sweep "$TRAIN/$model/bn" "seed=$seed" norm=custom "${bn[@]}" "optim.weight_decay=$WD,0" \
             "${COMMON[@]}" "$SUBDIR"
@@ -159,7 +167,7 @@ for seed in "${SEED_LIST[@]}"; do
         ALL_SLOTS=1 sweep "$TRAIN/$model/sws" "seed=$seed" "${sws[@]}" \
             "optim.weight_decay=$WD$([[ $first == 1 ]] && echo ,0)" "${COMMON[@]}" "$SUBDIR"
         ALL_SLOTS=1 sweep "$TRAIN/$model/none" "seed=$seed" "${none[@]}" \
-            "optim.weight_decay=$NF_WD,0" "${COMMON[@]}" "$SUBDIR"
+            "optim.weight_decay=$nf_wd,0" "${COMMON[@]}" "$SUBDIR"
         [[ $first == 1 ]] || continue
         # The check of custom BN; a 4x larger weight decay (angle 2x, time scale 1/4) with its
         # exponential-lr twin; the exponential lr in the net without scale-invariant weights.
@@ -170,9 +178,9 @@ for seed in "${SEED_LIST[@]}"; do
         read -r -a expo_big <<< "$(exp_schedule "$BN_LR" "$WD_BIG")"
         sweep "$TRAIN/$model/bn_exp" "seed=$seed" norm=custom "${bn[@]}" optim.weight_decay=0 \
             "${COMMON[@]}" "${expo_big[@]}" "$(exp_subdir "$WD_BIG")"
-        read -r -a expo_nf <<< "$(exp_schedule "$nf_lr" "$NF_WD")"
+        read -r -a expo_nf <<< "$(exp_schedule "$nf_lr" "$nf_wd")"
         ALL_SLOTS=1 sweep "$TRAIN/$model/none_exp" "seed=$seed" "${none[@]}" \
-            optim.weight_decay=0 "${COMMON[@]}" "${expo_nf[@]}" "$(exp_subdir "$NF_WD")"
+            optim.weight_decay=0 "${COMMON[@]}" "${expo_nf[@]}" "$(exp_subdir "$nf_wd")"
     done
 done
 
@@ -191,7 +199,7 @@ for model in $MODELS; do
         echo
     done | tee "$OUT_DIR/table${TAG}_$model.md"
     python scripts/study_scale_analysis.py "$ROOT" "$OUT_DIR" "${TAG}_$model" "$MOMENTUM" \
-        "$WD" "$WD_BIG" "$NF_WD" | tee "$OUT_DIR/study${TAG}_$model.md"
+        "$WD" "$WD_BIG" "$(nf_weight_decay "$model")" | tee "$OUT_DIR/study${TAG}_$model.md"
     suffix=$([[ $model == cnn ]] && echo "$TAG" || echo "${TAG}_$model")
     publish "$OUT_DIR/scale_angle${TAG}_$model.png" "scale_angle$suffix"
     publish "$OUT_DIR/scale_wd${TAG}_$model.png" "scale_wd$suffix"
