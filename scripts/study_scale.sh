@@ -11,8 +11,8 @@
 #       of the λ > 0 run (Li & Arora's exponentially growing lr) should train like the λ > 0 run,
 #       λ = 0 at a constant lr should not; in a norm-free net weight decay is a regularizer.
 #
-# Runs: cnn, constant lr, SGD momentum 0.9, every 10k training image, the scale/ probe every
-# SCALE_EVERY steps (everything else off):
+# Runs: cnn, 6 epochs of all 10k training images (468 steps), constant lr, SGD momentum 0.9, the
+# scale/ probe every SCALE_EVERY steps (everything else off):
 #   bn       norm=custom at lr 0.1, λ = 5e-4 and 0 (seeds); norm=torch at 5e-4 (first seed, the
 #            check of custom BN); λ = 2e-3 (first seed: does the angle follow sqrt(ηλ)?)
 #   bn_exp   norm=custom at λ = 0 with the lr growing as Li & Arora's equivalence prescribes for
@@ -28,22 +28,23 @@
 # of every slot layer: the control). bnlab's probe measures the scale-invariant ones only, so
 # those sweeps run through all_slots_train below.
 #
-#   THREADS=1 bash scripts/study_scale.sh           # CIFAR-10 subset on CPU, seeds 0 and 1
+#   THREADS=1 bash scripts/study_scale.sh           # CIFAR-10 subset on CPU, seeds 0 and 1 (17 runs)
 #   SEEDS=0 THREADS=1 bash scripts/study_scale.sh
-#   THREADS=1 EPOCHS=6 bash scripts/study_scale.sh    # smaller (section 15)
+#   THREADS=1 EPOCHS=10 bash scripts/study_scale.sh   # longer (own sweep dirs: train_e10/)
 #   FULL=1 DATA_ROOT=data bash scripts/study_scale.sh   # GPU: full CIFAR-10, cnn and resnet20
 #   SMOKE=1 bash scripts/study_scale.sh
 #   ANALYZE_ONLY=1 bash scripts/study_scale.sh      # tables and figures from what is on disk
 # Run it with the environment whose `bnlab` and `python` are the same install.
 # Resumable (resume=true); seed 0 of every setting runs before seed 1, so a run stopped early
 # still answers. Results: outputs/repro/scale/{table,study}<tag>.md, *.png, train<tag>/<sweep>/<run>
-# (<tag>: the sizes that differ from the defaults, e.g. _e6); figures
-# docs/figures/scale_angle<tag>.png, docs/figures/scale_wd<tag>.png
+# (<tag>: the sizes that differ from the defaults, e.g. _e10); figures
+# docs/figures/scale_angle<tag>.png, docs/figures/scale_wd<tag>.png. What it found and what a run
+# costs here: docs/reproductions.md, section 15.
 REPRO_NAME=scale
 # shellcheck source=scripts/repro_common.sh
 source "$(dirname "$0")/repro_common.sh"
 
-EPOCHS=${EPOCHS:-$(pick 10 30)}
+EPOCHS=${EPOCHS:-$(pick 6 30)}
 TRAIN_SIZE=${TRAIN_SIZE:-$(pick null null)}
 MODELS=${MODELS:-$(pick cnn "cnn resnet20")}
 SCALE_EVERY=${SCALE_EVERY:-$(pick 5 10 1)}
@@ -59,11 +60,11 @@ NF_LR=${NF_LR:-0.01}
 # the smoke scale trains 1 epoch of 512 images.
 TRAIN_IMAGES=$([[ $TRAIN_SIZE == null ]] && pick 10000 50000 512 || pick "$TRAIN_SIZE" "$TRAIN_SIZE" 512)
 STEPS=$(( $(pick "$EPOCHS" "$EPOCHS" 1) * (TRAIN_IMAGES / 128) ))
-# A run at other sizes than the defaults gets its own sweep dirs (train_e6/, ...), so that it
+# A run at other sizes than the defaults gets its own sweep dirs (train_e10/, ...), so that it
 # never resumes into, or mixes with, the runs of another size.
 TAG=""
 [[ $TRAIN_SIZE != "$(pick null null)" ]] && TAG+="_n$TRAIN_SIZE"
-[[ $EPOCHS != "$(pick 10 30)" ]] && TAG+="_e$EPOCHS"
+[[ $EPOCHS != "$(pick 6 30)" ]] && TAG+="_e$EPOCHS"
 TRAIN=train$TAG
 
 PROBE=(probe.grad_every=0 probe.act_every=0 probe.hist_every=0 probe.white_every=0

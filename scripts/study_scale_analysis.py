@@ -30,6 +30,7 @@ from bnlab.analysis.events import Series, read_events
 
 ARMS = ("bn", "bn_exp", "sws", "none", "none_exp")
 LATE = 0.75  # the late window starts at this fraction of the logged steps
+CHANCE = 0.15  # final training accuracy below this: the run learnt nothing (10 classes)
 
 
 @dataclass
@@ -327,6 +328,16 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"error: no finished runs under {root}")
     check_controls(runs)
+    # A run that ended at chance accuracy has no angles left to compare (its weights stopped
+    # moving); it would pull a setting's mean to zero, so it is named and left out.
+    dead = [r for r in runs if r.metrics["final_train_acc"] < CHANCE]
+    for r in dead:
+        print(f"Left out: {r.label} seed {r.seed} (final train acc "
+              f"{100 * r.metrics['final_train_acc']:.1f} %, test "
+              f"{100 * r.metrics['final_test_acc']:.1f} %: trained to chance).")
+    if dead:
+        print()
+    runs = [r for r in runs if r not in dead]
     refs = {arm: lam for arm, lam in (("bn", wd), ("sws", wd), ("none", nf_wd))
             if any(r.arm == arm for r in runs)}
     table_angles(runs, momentum, refs)
