@@ -19,8 +19,8 @@
 #   without a norm. Grid: model=resnet at RESNET_DEPTHS, residual standard (BN, none),
 #   skipinit, fixup, nf (Scaled WS).
 # Study 3b, training (bnlab train): model=resnet at TRAIN_DEPTHS with BN (custom; torch at
-#   the first seed and depth), no norm, SkipInit, Fixup and NF, all at BN's learning rate 0.1 (cosine): which
-#   diverge, which train?
+#   the first seed and depth), no norm, SkipInit, Fixup and NF, all at BN's learning rate 0.1
+#   (cosine): which diverge, which train?
 #
 #   THREADS=1 bash scripts/study_depth.sh                 # CIFAR-10 subset on CPU
 #   THREADS=1 PART=signal bash scripts/study_depth.sh     # study 2 and 3a only (PART=train: 3b)
@@ -65,10 +65,12 @@ signal_sweep() {
     fi
     log "signal $subdir: $*"
     # shellcheck disable=SC2016  # ${...}: Hydra interpolations, resolved per job
+    local name='depth=${model.depth},residual=${oc.select:model.residual,none}'
+    name+=',norm=${norm.name},ws=${model.weight_std}'
     bnlab signal -m "${DATA_ARGS[@]}" "${DEVICE_ARGS[@]}" overwrite=true \
         "signal.seeds=$SIGNAL_SEEDS" "signal.batches=$SIGNAL_BATCHES" \
         "hydra.sweep.dir=$OUT_DIR/$subdir" "$@" \
-        'hydra.sweep.subdir="depth=${model.depth},residual=${oc.select:model.residual,none},norm=${norm.name},ws=${model.weight_std}"'
+        "hydra.sweep.subdir=\"$name\""
     touch "$marker"
 }
 
@@ -97,7 +99,8 @@ if [[ $PART != signal ]]; then
             norms=custom
             [[ $seed == "${seed_list[0]}" && $depth == "${depth_list[0]}" ]] && norms=custom,torch
             # shellcheck disable=SC2016
-            sub='hydra.sweep.subdir="residual=${model.residual},norm=${norm.name},ws=${model.weight_std},seed=${seed}"'
+            sub='hydra.sweep.subdir="residual=${model.residual},norm=${norm.name},'
+            sub+='ws=${model.weight_std},seed=${seed}"'
             sweep "train_d$depth" "seed=$seed" "${COMMON[@]}" "model.depth=$depth" \
                 "norm=$norms" "$sub"
             sweep "train_d$depth" "seed=$seed" "${COMMON[@]}" "model.depth=$depth" norm=none \
@@ -183,8 +186,7 @@ keys = [("grad_growth", "grad growth /layer"),
         ("branch_skip_last_block", "branch/skip last block")]
 with open(out / "signal_study.md", "w") as md:
     for sweep, by_label in data.items():
-        md.write(f"\n{sweep}: mean ± std over seeds × batches (n = "
-                 f"{next(iter(next(iter(by_label.values())).values()))['summary']['grad_growth']['n']})\n\n")
+        md.write(f"\n{sweep}: mean ± std over the measurements (seeds × batches)\n\n")
         md.write("| setting | depth | " + " | ".join(k[1] for k in keys) + " |\n")
         md.write("|---" * (len(keys) + 2) + "|\n")
         for label, by_depth in by_label.items():
@@ -347,7 +349,8 @@ for sweep in sweeps:
         d = json.loads(m.read_text())
         name = m.parent.name.rsplit(",seed=", 1)[0]
         rows[(sweep.name.removeprefix("train_d"), name)].append(d)
-print("| depth | setting | seeds | status (diverged at step) | test acc % per epoch | final train loss | wall s |")
+print("| depth | setting | seeds | status (diverged at step) | test acc % per epoch "
+      "| final train loss | wall s |")
 print("|---|---|---|---|---|---|---|")
 for (depth, name), runs in sorted(rows.items(), key=lambda r: (int(r[0][0]), r[0][1])):
     status = ", ".join(r.get("status", "?") + (f" ({r['diverged_step']})" if r.get("diverged")
