@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -20,6 +21,13 @@ def bnlab(*args: str, cwd: Path, env: dict | None = None,
           timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bnlab.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` by its path and content hash: equal before and after a
+    refused command means nothing already written was touched."""
+    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def metrics(run_dir: Path) -> dict:

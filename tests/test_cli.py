@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from bnlab import rundir, train
 from bnlab.cli import app
 from bnlab.errors import UsageError
 from bnlab.rundir import run_dir_lock
-from tests.cli import bnlab, metrics, scalars, tiny
+from tests.cli import bnlab, digest, metrics, scalars, tiny
 
 METRIC_KEYS = {"status", "final_test_acc", "best_test_acc", "final_train_loss", "final_train_acc",
                "diverged", "diverged_step", "epochs_completed", "steps", "wall_time_s",
@@ -126,11 +125,6 @@ def test_hydra_flags_pass_through(tmp_path):
     assert cfg["norm"]["name"] == "none" and cfg["optim"]["name"] == "adam"
     assert cfg["extra"] == 1 and "sched" not in cfg
     assert not (tmp_path / "outputs").exists()
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

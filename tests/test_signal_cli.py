@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from bnlab.cli import app
 from bnlab.rundir import write_json
 from bnlab.signal.command import build_model, read_checkpoint
-from tests.cli import bnlab
+from tests.cli import bnlab, digest
 
 pytestmark = pytest.mark.slow
 
@@ -130,11 +130,6 @@ def test_a_trained_checkpoint_is_measured_with_its_model(tmp_path, monkeypatch, 
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     at_init = build_model(cfg, 0, torch.device("cpu"), None).state_dict()
     assert not torch.equal(at_init["conv.weight"], state["conv.weight"])
-
-
-def digest(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 BAD_INPUTS = [
